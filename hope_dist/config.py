@@ -1,0 +1,315 @@
+"""Job configuration: small dataclasses, loaded from YAML, overridden by `--key.sub=value`.
+
+Every error names the offending key and says how to fix it, because a typo in a 1000-GPU
+job's config should fail in the first second, not after the first checkpoint interval.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key."""
+
+
+@dataclass
+class CMSLevel:
+    """One level of the Continuum Memory System (HOPE_SPEC section 4)."""
+
+    width: int = 64
+    period: int = 1
+    lr_scale: float = 1.0
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    mixer: str = "selfmod"  # selfmod | titans | attention
+    memory_depth: int = 2
+    memory_hidden: int | None = None  # d_m; None means d_h
+    chunk: int = 64
+    proj_chunk: int = 64
+    eta_max: float = 1.0
+    selfgen_values: bool = True
+    stopgrad_vhat: bool = True
+    momentum: bool | None = None  # None: off for selfmod, on for titans (spec section 1)
+    conv_width: int = 4
+    kernel: str = "auto"  # auto (triton on CUDA, torch on CPU) | triton | torch | naive
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    cms: list[CMSLevel] = field(default_factory=lambda: [CMSLevel(64, p) for p in (1, 4, 16, 64)])
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def use_momentum(self) -> bool:
+        return self.mixer == "titans" if self.momentum is None else self.momentum
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 4e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # <= 0 disables clipping
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = 1000
+    seq_len: int = 128
+    global_batch: int = 8  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch: int = 8  # sequences per forward/backward on one rank
+    seed: int = 1234
+    mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    nonfinite: str = "stop"  # stop | skip: what a non-finite loss does
+    reset_state_at_eod: bool = True
+
+
+@dataclass
+class DataConfig:
+    paths: list[str] = field(default_factory=list)  # Megatron prefixes (PREFIX.bin / PREFIX.idx)
+    weights: list[float] | None = None
+    tokenizer: str | None = None
+    eod_id: int | None = None
+
+
+@dataclass
+class ParallelConfig:
+    pp: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+    microbatches: int = 1
+    pp_schedule: str = "1f1b"  # 1f1b | gpipe | interleaved_1f1b
+    activation_checkpoint: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 100  # steps; <= 0 saves only at the end
+    keep_last: int = 3
+    async_save: bool = False
+    resume: str = "auto"  # auto | never | a step-N folder
+    dir: str | None = None  # default: RUN_DIR/checkpoints
+
+
+@dataclass
+class MetricsConfig:
+    log_every: int = 1
+    jsonl: bool = True
+    wandb: bool = True  # offline when WANDB_API_KEY is unset
+    wandb_project: str = "hope_dist"
+    progress: bool = True
+
+
+@dataclass
+class JobConfig:
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def validate(self) -> "JobConfig":
+        validate(self)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+
+
+def _positive(key: str, value: float) -> None:
+    if value is None or value < 1:
+        raise ConfigError(f"{key}={value!r} must be >= 1")
+
+
+def validate(cfg: JobConfig) -> None:
+    """Check cross-field constraints; every message names the key and the fix."""
+    m = cfg.model
+    _choice("model.mixer", m.mixer, ("selfmod", "titans", "attention"))
+    _choice("model.kernel", m.kernel, ("auto", "triton", "torch", "naive"))
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "chunk", "proj_chunk", "conv_width"):
+        _positive(f"model.{key}", getattr(m, key))
+    if m.d_model % m.n_heads:
+        raise ConfigError(
+            f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}: "
+            f"pick n_heads from the divisors of d_model")
+    if m.memory_depth not in (1, 2):
+        raise ConfigError(f"model.memory_depth={m.memory_depth} must be 1 (linear) or 2 (residual MLP)")
+    if m.memory_hidden is not None:
+        _positive("model.memory_hidden", m.memory_hidden)
+    if m.proj_chunk % m.chunk:
+        raise ConfigError(
+            f"model.proj_chunk={m.proj_chunk} must be a multiple of model.chunk={m.chunk}")
+    if not m.cms:
+        raise ConfigError("model.cms is empty: give at least one CMS level (width, period)")
+    for i, level in enumerate(m.cms):
+        _positive(f"model.cms[{i}].width", level.width)
+        if level.period < 1:
+            raise ConfigError(f"model.cms[{i}].period={level.period} must be >= 1 (1 = every step)")
+        if level.lr_scale <= 0:
+            raise ConfigError(f"model.cms[{i}].lr_scale={level.lr_scale} must be > 0")
+    t = cfg.training
+    for key in ("steps", "seq_len", "global_batch", "micro_batch"):
+        _positive(f"training.{key}", getattr(t, key))
+    _choice("training.mixed_precision", t.mixed_precision, ("auto", "bf16", "fp32"))
+    _choice("training.nonfinite", t.nonfinite, ("stop", "skip"))
+    p = cfg.parallel
+    for key in ("pp", "dp_replicate", "dp_shard", "tp", "microbatches"):
+        _positive(f"parallel.{key}", getattr(p, key))
+    _choice("parallel.pp_schedule", p.pp_schedule, ("1f1b", "gpipe", "interleaved_1f1b"))
+    dp = p.dp_replicate * p.dp_shard
+    if t.global_batch % (dp * t.micro_batch):
+        raise ConfigError(
+            f"training.global_batch={t.global_batch} must be a multiple of data-parallel size "
+            f"({dp}) x training.micro_batch={t.micro_batch}")
+    if m.n_heads % p.tp:
+        raise ConfigError(
+            f"parallel.tp={p.tp} does not divide model.n_heads={m.n_heads}: heads are split over "
+            f"tensor-parallel ranks, so tp must be a divisor of n_heads")
+    if p.pp > m.n_layers:
+        raise ConfigError(
+            f"parallel.pp={p.pp} is larger than model.n_layers={m.n_layers}: every pipeline stage "
+            f"needs at least one layer")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr={cfg.optim.lr} must be > 0")
+    if cfg.data.weights is not None and len(cfg.data.weights) != len(cfg.data.paths):
+        raise ConfigError(
+            f"data.weights has {len(cfg.data.weights)} entries but data.paths has "
+            f"{len(cfg.data.paths)}: give one weight per path")
+    if cfg.checkpoint.keep_last < 1:
+        raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last} must be >= 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building dataclasses from nested dicts, with typed coercion and named errors.
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(key, args[0], value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=key)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp in (int, float):
+        try:
+            if tp is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return tp(float(value)) if tp is int else tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be {tp.__name__}, got {value!r}") from None
+    if tp is str:
+        return str(value)
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a (nested) dict; unknown keys are errors naming the key."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise ConfigError(
+                f"unknown config key {full!r}; valid keys here: {', '.join(sorted(names))}")
+        kwargs[key] = _coerce(full, hints[key], value)
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict, dotted: str, value: str) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--{dotted}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """YAML file (optional) + `--key.sub=value` overrides -> validated JobConfig."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist (see configs/ for examples)")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    for arg in overrides:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"override {arg!r} must look like --key.sub=value")
+        key, value = arg[2:].split("=", 1)
+        _set_path(tree, key, value)
+    return from_dict(JobConfig, tree).validate()
+
+
+def parse_args(argv: list[str]) -> JobConfig:
+    """`--config PATH`, `--resume[=auto|never|PATH]`, then `--key.sub=value` overrides."""
+    config_path = None
+    overrides = []
+    it = iter(argv)
+    for arg in it:
+        if arg == "--config":
+            config_path = next(it, None)
+            if config_path is None:
+                raise ConfigError("--config needs a path, e.g. --config configs/tiny.yaml")
+        elif arg.startswith("--config="):
+            config_path = arg.split("=", 1)[1]
+        elif arg == "--resume":
+            overrides.append("--checkpoint.resume=auto")
+        elif arg.startswith("--resume="):
+            overrides.append("--checkpoint.resume=" + arg.split("=", 1)[1])
+        elif arg in ("-h", "--help"):
+            raise SystemExit(
+                "usage: pretrain.py --config configs/tiny.yaml [--resume[=auto|never|DIR]] "
+                "[--key.sub=value ...]\nkeys: " + ", ".join(f.name for f in dataclasses.fields(JobConfig)))
+        else:
+            overrides.append(arg)
+    return load_config(config_path, overrides)

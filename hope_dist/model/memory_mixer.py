@@ -1,0 +1,160 @@
+"""The `selfmod` (HOPE) and `titans` mixers of HOPE_SPEC sections 1-2.
+
+Both project x, run the memory op of kernels/hope_memory over the heads, then normalise each
+head's read-out, gate it by silu(g) and project back. They differ only in where k, v, eta and
+alpha come from: the four projection memories (selfmod) or outer linear maps (titans).
+The head count is read from the parameters' shapes at run time, so a tensor-parallel layer
+that hands this module only its own heads needs no change here.
+
+Choices the spec leaves open (tested in tests/test_model.py):
+- titans: k and v pass the same causal conv + SiLU as q, then L2 norm; eta and alpha are
+  sigmoid read-outs of x (eta scaled by eta_max).
+- Initial memories: W2 ~ N(0, 1/d_h) and W1 ~ N(0, init_std) (depth 2: M starts near the
+  identity); depth 1 starts at I + N(0, init_std). eta starts near 0.1, alpha near 0.99,
+  gamma near 0.9, so the in-context learning rate is small and retention long at init.
+- The op runs in float32 with autocast off (the fast-weight state is float32 by contract).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hope_dist.config import ModelConfig
+from hope_dist.model.conv import CausalConv
+from hope_dist.model.norms import RMSNorm
+from hope_dist.model.segments import Segments
+from kernels.hope_memory import hope_memory
+from kernels.hope_memory.types import MemoryParams
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+class MemoryMixer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, H = cfg.d_model, cfg.n_heads
+        dh = cfg.head_dim
+        dm = cfg.memory_hidden or dh
+        self.cfg = cfg
+        self.head_dim = dh
+        self.selfmod = cfg.mixer == "selfmod"
+        self.init_std = cfg.init_std
+        self.out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        inputs = ("a", "q") if self.selfmod else ("q", "k", "v")
+        self.proj = nn.ModuleDict({name: nn.Linear(d, d, bias=False) for name in (*inputs, "g")})
+        self.conv = nn.ModuleDict({name: CausalConv(d, cfg.conv_width) for name in inputs})
+        if not self.selfmod:
+            self.rates = nn.Linear(d, 2 * H, bias=True)  # eta and alpha logits per head
+        n_mem = 5 if self.selfmod else 1
+        if cfg.memory_depth == 2:
+            self.mem_w1 = nn.Parameter(torch.empty(n_mem, H, dh, dm))
+            self.mem_w2 = nn.Parameter(torch.empty(n_mem, H, dm, dh))
+        else:
+            self.register_parameter("mem_w1", None)
+            self.mem_w2 = nn.Parameter(torch.empty(n_mem, H, dh, dh))
+        if self.selfmod:
+            self.eta_w = nn.Parameter(torch.empty(H, dh))
+            self.eta_b = nn.Parameter(torch.empty(H))
+            self.alpha_w = nn.Parameter(torch.empty(H, dh))
+            self.alpha_b = nn.Parameter(torch.empty(H))
+        self.gamma = nn.Parameter(torch.empty(H)) if cfg.use_momentum else None
+        self.out_norm = RMSNorm(dh, cfg.norm_eps)
+        self.out = nn.Linear(d, d, bias=False)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        for lin in self.proj.values():
+            nn.init.normal_(lin.weight, std=self.init_std)
+        nn.init.normal_(self.out.weight, std=self.out_std)
+        for conv in self.conv.values():
+            conv.init_weights()
+        self.out_norm.init_weights()
+        dh = self.head_dim
+        if self.mem_w1 is not None:
+            nn.init.normal_(self.mem_w1, std=self.init_std)
+            nn.init.normal_(self.mem_w2, std=dh ** -0.5)
+        else:
+            nn.init.normal_(self.mem_w2, std=self.init_std)
+            self.mem_w2.add_(torch.eye(dh, device=self.mem_w2.device, dtype=self.mem_w2.dtype))
+        if self.selfmod:
+            nn.init.normal_(self.eta_w, std=self.init_std)
+            nn.init.normal_(self.alpha_w, std=self.init_std)
+            nn.init.constant_(self.eta_b, _logit(0.1))
+            nn.init.constant_(self.alpha_b, _logit(0.99))
+        else:
+            nn.init.normal_(self.rates.weight, std=self.init_std)
+            H = self.rates.bias.shape[0] // 2
+            self.rates.bias[:H].fill_(_logit(0.1))
+            self.rates.bias[H:].fill_(_logit(0.99))
+        if self.gamma is not None:
+            nn.init.constant_(self.gamma, _logit(0.9))
+
+    def _params(self) -> MemoryParams:
+        if self.selfmod:
+            return MemoryParams(self.mem_w1, self.mem_w2, self.eta_w, self.eta_b,
+                                self.alpha_w, self.alpha_b, self.gamma)
+        return MemoryParams(self.mem_w1, self.mem_w2, gamma=self.gamma)
+
+    def _kernel(self, device: torch.device) -> str:
+        if self.cfg.kernel != "auto":
+            return self.cfg.kernel
+        return "triton" if device.type == "cuda" else "torch"
+
+    def forward(self, x: torch.Tensor, segs: Segments | None = None, state: dict | None = None,
+                return_state: bool = False) -> tuple[torch.Tensor, dict | None]:
+        """state: what an earlier call returned (None: a fresh sequence); return_state: give
+        back the fast-weight and conv state to carry into the next segment."""
+        B, T, _ = x.shape
+        dh = self.head_dim
+        conv_cache = state["conv"] if state is not None else {}
+        new_conv = {}
+        feats = {}
+        seg = segs.seg if segs is not None else None
+        for name, conv in self.conv.items():
+            y, new_conv[name] = conv(self.proj[name](x), seg, conv_cache.get(name))
+            feats[name] = F.silu(y).view(B, T, -1, dh)
+        q = F.normalize(feats["q"], dim=-1)
+        kwargs = {}
+        if self.selfmod:
+            kwargs["a"] = feats["a"]
+        else:
+            eta_logit, alpha_logit = self.rates(x).float().chunk(2, dim=-1)
+            kwargs.update(k=F.normalize(feats["k"], dim=-1), v=F.normalize(feats["v"], dim=-1),
+                          eta=self.cfg.eta_max * torch.sigmoid(eta_logit),
+                          alpha=torch.sigmoid(alpha_logit))
+        o, mem_state = self._run_memory(q, kwargs, segs, state, return_state)
+        g = self.proj["g"](x).view(B, T, -1, dh)
+        o = self.out_norm(o.to(g.dtype)) * F.silu(g)
+        y = self.out(o.reshape(B, T, -1))
+        return y, ({"memory": mem_state, "conv": new_conv} if return_state else None)
+
+    def _run_memory(self, q, kwargs, segs, state, return_state):
+        """Run the op in float32; packed documents become a varlen call with resets."""
+        B, T = q.shape[:2]
+        kernel = self._kernel(q.device)
+        params = self._params()
+        if kernel != "triton":
+            params = MemoryParams(*(p.float() if p is not None else None for p in params))
+            q = q.float()
+            kwargs = {k: v.float() for k, v in kwargs.items()}
+        common = dict(chunk=self.cfg.chunk, proj_chunk=self.cfg.proj_chunk, eta_max=self.cfg.eta_max,
+                      selfgen=self.cfg.selfgen_values, stopgrad_vhat=self.cfg.stopgrad_vhat,
+                      impl=kernel)
+        with torch.autocast(q.device.type, enabled=False):
+            if segs is not None and segs.cu_seqlens is not None:
+                if state is not None or return_state:
+                    raise ValueError("carrying fast-weight state across calls is not supported together "
+                                     "with document resets inside the batch; pass one document per row")
+                flat = {k: v.reshape(1, B * T, *v.shape[2:]) for k, v in kwargs.items()}
+                o, _ = hope_memory(q.reshape(1, B * T, *q.shape[2:]), params,
+                                   cu_seqlens=segs.cu_seqlens, **flat, **common)
+                return o.view(B, T, *o.shape[2:]), None
+            initial = state["memory"] if state is not None else None
+            return hope_memory(q, params, initial_state=initial,
+                               output_final_state=return_state, **kwargs, **common)
+

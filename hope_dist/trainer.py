@@ -1,0 +1,261 @@
+"""The training loop: build everything from a JobConfig, step, log, checkpoint, stop cleanly.
+
+One optimizer step (HOPE_SPEC section 4):
+  1. forward/backward every micro-batch of this rank's share with a token-SUM loss;
+  2. the CMS clock banks the gradients of levels that do not tick and hands the window sums
+     back to those that do;
+  3. ticking groups are reduced once over the data-parallel group and divided by the global
+     token count of their window (so the result is independent of the data-parallel size);
+  4. one global norm clip over what steps now; AdamW steps only parameters with a gradient,
+     so a level's Adam step count counts its ticks and nothing decays between ticks.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import signal
+import socket
+import subprocess
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from hope_dist.checkpoint import Checkpointer
+from hope_dist.clock import CMSClock, build_clock_groups
+from hope_dist.config import JobConfig, OptimConfig
+from hope_dist.data import build_train_stream
+from hope_dist.metrics import MetricsLogger
+from hope_dist.model import build_model, count_parameters, document_segments
+from hope_dist.parallel.grad_sync import GradSync
+from hope_dist.parallel.mesh import check_world_size
+
+
+def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def build_optimizer(groups, cfg: OptimConfig) -> torch.optim.AdamW:
+    """One AdamW; a param group per (clock group, decay). Matrices decay, vectors don't.
+    State is created eagerly (step 0, zero moments): identical to AdamW's lazy init, but a
+    checkpoint then always holds every level, even one that has not ticked yet."""
+    param_groups = []
+    for g in groups:
+        for decay in (True, False):
+            params = [p for _, p in g.params if (p.ndim >= 2) == decay]
+            if params:
+                param_groups.append({"params": params, "clock": g.name, "lr_scale": g.lr_scale,
+                                     "weight_decay": cfg.weight_decay if decay else 0.0})
+    opt = torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                            "exp_avg_sq": torch.zeros_like(p)}
+    return opt
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self._init_distributed()
+        t = cfg.training
+        self.device = torch.device(f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        mp = t.mixed_precision
+        self.amp_dtype = torch.bfloat16 if mp == "bf16" or (mp == "auto" and self.device.type == "cuda") else None
+        torch.manual_seed(t.seed)
+
+        self.data = build_train_stream(cfg.data.paths, cfg.data.weights, seq_len=t.seq_len,
+                                       global_batch=t.global_batch, dp_rank=self.dp_rank,
+                                       dp_size=self.dp_size, seed=t.seed, eod_id=cfg.data.eod_id,
+                                       tokenizer=cfg.data.tokenizer)
+        if self.data.vocab_size > cfg.model.vocab_size:
+            raise ValueError(
+                f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "
+                f"({self.data.vocab_size}); set --model.vocab_size={self.data.vocab_size} or larger")
+        self.eod_id = self.data.eod_id if t.reset_state_at_eod else None
+
+        self.model = build_model(cfg.model, self.device)
+        self.groups = build_clock_groups(self.model)
+        self.clock = CMSClock(self.groups)
+        self.optimizer = build_optimizer(self.groups, cfg.optim)
+        self.sync = GradSync(self.dp_group)
+        self.ckpt = Checkpointer(cfg.checkpoint, self.run_dir)
+        self.step = 0
+        self.tokens_seen = 0
+        self._stop_signal: str | None = None
+
+    # ------------------------------------------------------------------ setup
+    def _init_distributed(self) -> None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        check_world_size(self.cfg.parallel, world)
+        if world > 1 and not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend, timeout=timedelta(minutes=10))
+        self.world = world
+        self.dp_rank, self.dp_size = self.rank, world
+        self.dp_group = dist.group.WORLD if world > 1 else None
+
+    def _write_run_info(self) -> None:
+        if self.rank != 0:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        info = {"git_commit": git_commit(), "torch": torch.__version__, "python": platform.python_version(),
+                "host": socket.gethostname(), "world_size": self.world, "device": str(self.device),
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        with open(self.run_dir / "run_info.jsonl", "a") as f:
+            f.write(json.dumps(info) + "\n")
+
+    # ------------------------------------------------------------------ state
+    def _state(self) -> dict:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd,
+                "clock": {f"dp{self.dp_rank}": self.clock.state_dict()},
+                "rng": {f"rank{self.rank}": torch.get_rng_state()},
+                "train": {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.data.state_dict()}}
+
+    def save(self) -> Path:
+        meta = {"step": self.step, "tokens_seen": self.tokens_seen, "git_commit": git_commit(),
+                "config": self.cfg.to_dict(), "world_size": self.world}
+        return self.ckpt.save(self.step, self._state(), meta)
+
+    def maybe_resume(self) -> None:
+        path = self.ckpt.resume_path()
+        if path is None:
+            return
+        state = self._state()
+        self.ckpt.load(path, state)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        self.clock.load_state_dict(state["clock"][f"dp{self.dp_rank}"])
+        torch.set_rng_state(state["rng"][f"rank{self.rank}"])
+        self.step = int(state["train"]["step"])
+        self.tokens_seen = int(state["train"]["tokens_seen"])
+        self.data.load_state_dict(state["train"]["data"])
+        if self.rank == 0:
+            print(f"resumed from {path} at step {self.step}", flush=True)
+
+    # ------------------------------------------------------------------ loop
+    def _request_stop(self, signum, _frame) -> None:
+        self._stop_signal = signal.Signals(signum).name
+
+    def _loss_and_backward(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        segs = document_segments(tokens, self.eod_id) if self.eod_id is not None else None
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            logits = self.model(tokens, segs)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum")
+        loss.backward()
+        return loss.detach()
+
+    def train_step(self) -> dict:
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        batch = self.data.next_batch()
+        tokens, labels = batch["tokens"].to(self.device), batch["labels"].to(self.device)
+        loss_sum = torch.zeros((), device=self.device)
+        for tok, lab in zip(tokens.split(cfg.training.micro_batch), labels.split(cfg.training.micro_batch)):
+            loss_sum += self._loss_and_backward(tok, lab)
+        stats = torch.stack([loss_sum.double(), torch.tensor(float(labels.numel()), dtype=torch.float64,
+                                                             device=self.device)])
+        if self.dp_group is not None:
+            dist.all_reduce(stats, group=self.dp_group)
+        step_tokens = int(stats[1].item())
+        loss = (stats[0] / stats[1]).item()
+        step = self.step
+        metrics = {"loss": loss, "lr": lr_at(step, cfg.optim, cfg.training.steps)}
+        if not math.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            if cfg.training.nonfinite == "stop":
+                raise FloatingPointError(
+                    f"non-finite loss ({loss}) at step {step} (training.nonfinite=stop); the newest "
+                    f"complete checkpoint is intact; rerun with --training.nonfinite=skip to skip such steps")
+            metrics.update(skipped_nonfinite=True, ticked=[], grad_norm=float("nan"), bytes_reduced={})
+        else:
+            ticking = self.clock.advance(step, step_tokens)
+            metrics["bytes_reduced"] = self.sync.reduce(ticking)
+            params = []
+            for g in ticking:
+                for _, p in g.params:
+                    if p.grad is not None:
+                        p.grad.div_(g.window_tokens)
+                        params.append(p)
+            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, clip).item()
+            for group in self.optimizer.param_groups:
+                group["lr"] = metrics["lr"] * group["lr_scale"]
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.clock.finish_tick(ticking)
+            metrics["ticked"] = [g.name for g in ticking]
+        self.step += 1
+        self.tokens_seen += step_tokens
+        dt = time.perf_counter() - t0
+        metrics.update(tokens_per_s=step_tokens / dt, step_time_s=dt, tokens_seen=self.tokens_seen)
+        return metrics
+
+    def _agree_to_stop(self) -> bool:
+        """Every rank stops at the same step if any rank got a stop signal."""
+        flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def train(self) -> dict | None:
+        cfg = self.cfg
+        self._write_run_info()
+        self.maybe_resume()
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._request_stop)
+        logger = MetricsLogger(cfg.metrics, self.run_dir, rank=self.rank, total_steps=cfg.training.steps,
+                               start_step=self.step, config=cfg.to_dict())
+        counts = count_parameters(self.model)
+        logger.print(f"parameters: {counts['total']:,} ({', '.join(f'{k} {v:,}' for k, v in counts.items() if k != 'total')})")
+        logger.print("clock groups: " + ", ".join(f"{g.name} (period {g.period}, lr x{g.lr_scale})" for g in self.groups))
+        last = None
+        try:
+            while self.step < cfg.training.steps:
+                last = self.train_step()
+                logger.log(self.step - 1, last)
+                interval = cfg.checkpoint.interval
+                if interval > 0 and self.step % interval == 0 and self.step < cfg.training.steps:
+                    self.save()
+                if self._agree_to_stop():
+                    path = self.save()
+                    if self.rank == 0:
+                        (self.run_dir / "PREEMPTED").write_text(f"{self._stop_signal or 'peer'} {self.step}\n")
+                    logger.print(f"stop requested: saved {path} at step {self.step}; exiting for requeue")
+                    return last
+            if not self.ckpt.path(self.step).joinpath("COMMITTED").exists():
+                self.save()
+            if self.rank == 0:
+                (self.run_dir / "PREEMPTED").unlink(missing_ok=True)
+                (self.run_dir / "COMPLETE").write_text(f"{self.step}\n")
+            return last
+        finally:
+            logger.close()

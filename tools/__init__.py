@@ -1,0 +1,1 @@
+"""Command-line tools around hope_dist: parameter counts, metric plots, checkpoint conversion."""
