@@ -101,6 +101,7 @@ class ParallelConfig:
     microbatches: int = 1
     pp_schedule: str = "1f1b"  # 1f1b | gpipe | interleaved_1f1b
     activation_checkpoint: bool = False
+    timeout_s: float = 600.0  # collective timeout: a hung rank fails the job after this long
 
 
 @dataclass

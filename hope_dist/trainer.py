@@ -28,13 +28,14 @@ import torch.nn.functional as F
 import yaml
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from hope_dist.checkpoint import Checkpointer
+from hope_dist.checkpoint import (Checkpointer, check_model_config, clock_for_dp_rank, committed_steps,
+                                  read_meta, stored_keys, verify_distributed)
 from hope_dist.clock import CMSClock, build_clock_groups
 from hope_dist.config import JobConfig, OptimConfig
 from hope_dist.data import build_train_stream
 from hope_dist.metrics import MetricsLogger
 from hope_dist.model import build_model, count_parameters, document_segments
-from hope_dist.parallel.grad_sync import GradSync
+from hope_dist.parallel.grad_sync import BucketSync, clip_grad_norm_
 from hope_dist.parallel.mesh import check_world_size
 
 
@@ -101,11 +102,13 @@ class Trainer:
         self.groups = build_clock_groups(self.model)
         self.clock = CMSClock(self.groups)
         self.optimizer = build_optimizer(self.groups, cfg.optim)
-        self.sync = GradSync(self.dp_group)
+        self.sync = BucketSync(self.dp_group)
         self.ckpt = Checkpointer(cfg.checkpoint, self.run_dir)
         self.step = 0
         self.tokens_seen = 0
         self._stop_signal: str | None = None
+        # Fault-test hook: the last rank's loss becomes NaN at this step (docs/launch.md).
+        self._inject_nonfinite_step = int(os.environ.get("HOPE_INJECT_NONFINITE_STEP", "-1"))
 
     # ------------------------------------------------------------------ setup
     def _init_distributed(self) -> None:
@@ -115,7 +118,7 @@ class Trainer:
         check_world_size(self.cfg.parallel, world)
         if world > 1 and not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend, timeout=timedelta(minutes=10))
+            dist.init_process_group(backend, timeout=timedelta(seconds=self.cfg.parallel.timeout_s))
         self.world = world
         self.dp_rank, self.dp_size = self.rank, world
         self.dp_group = dist.group.WORLD if world > 1 else None
@@ -133,32 +136,69 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def _state(self) -> dict:
+        """The full training state as a DCP state dict. Rank-specific entries are keyed by rank
+        (DCP dedups replicated entries by key); the LR schedule is a function of the step."""
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {"model": model_sd, "optim": optim_sd,
                 "clock": {f"dp{self.dp_rank}": self.clock.state_dict()},
-                "rng": {f"rank{self.rank}": torch.get_rng_state()},
+                "rng": {f"rank{self.rank}": rng},
                 "train": {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.data.state_dict()}}
 
     def save(self) -> Path:
+        p = self.cfg.parallel
         meta = {"step": self.step, "tokens_seen": self.tokens_seen, "git_commit": git_commit(),
-                "config": self.cfg.to_dict(), "world_size": self.world}
+                "next_lr": lr_at(self.step, self.cfg.optim, self.cfg.training.steps),
+                "layout": {"dp": self.dp_size, "tp": p.tp, "pp": p.pp}, "world_size": self.world,
+                "torch": torch.__version__, "config": self.cfg.to_dict()}
         return self.ckpt.save(self.step, self._state(), meta)
 
     def maybe_resume(self) -> None:
+        """Load the checkpoint `checkpoint.resume` names, from any (dp, tp, pp) layout: DCP
+        reshards model and optimizer; the clock's window sums are re-split (clock_for_dp_rank);
+        RNG streams of ranks the checkpoint did not have stay seeded. A weights-only checkpoint
+        (tools/convert.py import-hf without a base) sets the model and starts at step 0."""
         path = self.ckpt.resume_path()
         if path is None:
             return
+        meta = read_meta(path)
+        check_model_config(path, meta, self.cfg.model)
+        verify_distributed(path)
+        keys = stored_keys(path)
         state = self._state()
+        if not any(k.startswith("optim.") for k in keys):
+            state = {"model": state["model"]}
+            self.ckpt.load(path, state)
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict={})
+            if self.rank == 0:
+                print(f"initialised the model from {path} (weights only); training starts at step 0", flush=True)
+            return
+        saved_dp = int(meta["layout"]["dp"])
+        own = state["clock"][f"dp{self.dp_rank}"]
+        state["clock"] = {f"dp{r}": {"acc": {n: torch.zeros_like(t) for n, t in own["acc"].items()},
+                                     "window_tokens": dict(own["window_tokens"])} for r in range(saved_dp)}
+        has_rng = f"rng.rank{self.rank}.cpu" in keys
+        if not has_rng:
+            state.pop("rng")
         self.ckpt.load(path, state)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
-        self.clock.load_state_dict(state["clock"][f"dp{self.dp_rank}"])
-        torch.set_rng_state(state["rng"][f"rank{self.rank}"])
+        saved_clock = [state["clock"][f"dp{r}"] for r in range(saved_dp)]
+        self.clock.load_state_dict(saved_clock[self.dp_rank] if saved_dp == self.dp_size
+                                   else clock_for_dp_rank(saved_clock, self.dp_rank))
+        if has_rng:
+            rng = state["rng"][f"rank{self.rank}"]
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.step = int(state["train"]["step"])
         self.tokens_seen = int(state["train"]["tokens_seen"])
         self.data.load_state_dict(state["train"]["data"])
         if self.rank == 0:
-            print(f"resumed from {path} at step {self.step}", flush=True)
+            layout = f" (saved under dp={saved_dp}, now dp={self.dp_size})" if saved_dp != self.dp_size else ""
+            print(f"resumed from {path} at step {self.step}{layout}", flush=True)
 
     # ------------------------------------------------------------------ loop
     def _request_stop(self, signum, _frame) -> None:
@@ -181,6 +221,8 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for tok, lab in zip(tokens.split(cfg.training.micro_batch), labels.split(cfg.training.micro_batch)):
             loss_sum += self._loss_and_backward(tok, lab)
+        if self.step == self._inject_nonfinite_step and self.rank == self.world - 1:
+            loss_sum = loss_sum + float("nan")
         stats = torch.stack([loss_sum.double(), torch.tensor(float(labels.numel()), dtype=torch.float64,
                                                              device=self.device)])
         if self.dp_group is not None:
@@ -197,8 +239,7 @@ class Trainer:
                     f"complete checkpoint is intact; rerun with --training.nonfinite=skip to skip such steps")
             metrics.update(skipped_nonfinite=True, ticked=[], grad_norm=float("nan"), bytes_reduced={})
         else:
-            ticking = self.clock.advance(step, step_tokens)
-            metrics["bytes_reduced"] = self.sync.reduce(ticking)
+            ticking, metrics["bytes_reduced"] = self.sync.reduce(self.clock, step, step_tokens)
             params = []
             for g in ticking:
                 for _, p in g.params:
@@ -206,7 +247,7 @@ class Trainer:
                         p.grad.div_(g.window_tokens)
                         params.append(p)
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, clip).item()
+            metrics["grad_norm"] = clip_grad_norm_(params, clip)
             for group in self.optimizer.param_groups:
                 group["lr"] = metrics["lr"] * group["lr_scale"]
             self.optimizer.step()
@@ -228,10 +269,10 @@ class Trainer:
 
     def train(self) -> dict | None:
         cfg = self.cfg
-        self._write_run_info()
-        self.maybe_resume()
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._request_stop)
+        self._write_run_info()
+        self.maybe_resume()
         logger = MetricsLogger(cfg.metrics, self.run_dir, rank=self.rank, total_steps=cfg.training.steps,
                                start_step=self.step, config=cfg.to_dict())
         counts = count_parameters(self.model)
@@ -242,20 +283,27 @@ class Trainer:
             while self.step < cfg.training.steps:
                 last = self.train_step()
                 logger.log(self.step - 1, last)
+                if last.get("skipped_nonfinite"):
+                    logger.print(f"step {self.step - 1}: non-finite loss, update skipped (training.nonfinite=skip)")
                 interval = cfg.checkpoint.interval
                 if interval > 0 and self.step % interval == 0 and self.step < cfg.training.steps:
                     self.save()
                 if self._agree_to_stop():
                     path = self.save()
+                    self.ckpt.wait()
                     if self.rank == 0:
                         (self.run_dir / "PREEMPTED").write_text(f"{self._stop_signal or 'peer'} {self.step}\n")
                     logger.print(f"stop requested: saved {path} at step {self.step}; exiting for requeue")
                     return last
-            if not self.ckpt.path(self.step).joinpath("COMMITTED").exists():
+            if self.ckpt.last_step != self.step and self.step not in committed_steps(self.ckpt.dir):
                 self.save()
+            self.ckpt.wait()
             if self.rank == 0:
                 (self.run_dir / "PREEMPTED").unlink(missing_ok=True)
                 (self.run_dir / "COMPLETE").write_text(f"{self.step}\n")
             return last
+        except Exception as e:
+            e.add_note(f"[rank {self.rank} of {self.world}, step {self.step}]")
+            raise
         finally:
             logger.close()

@@ -18,10 +18,11 @@ from hope_dist.model.segments import Segments
 def apply_rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
     """x (B, H, T, d_h), pos (T,): rotate channel pairs (i, i + d_h/2)."""
     dh = x.shape[-1]
-    freqs = theta ** (-torch.arange(0, dh // 2, device=x.device, dtype=torch.float32) * 2 / dh)
-    angles = pos.float()[:, None] * freqs[None, :]
+    dt = torch.promote_types(x.dtype, torch.float32)
+    freqs = theta ** (-torch.arange(0, dh // 2, device=x.device, dtype=dt) * 2 / dh)
+    angles = pos.to(dt)[:, None] * freqs[None, :]
     cos, sin = angles.cos(), angles.sin()
-    x1, x2 = x.float().chunk(2, dim=-1)
+    x1, x2 = x.to(dt).chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 

@@ -12,7 +12,7 @@ Choices the spec leaves open (tested in tests/test_model.py):
 - Initial memories: W2 ~ N(0, 1/d_h) and W1 ~ N(0, init_std) (depth 2: M starts near the
   identity); depth 1 starts at I + N(0, init_std). eta starts near 0.1, alpha near 0.99,
   gamma near 0.9, so the in-context learning rate is small and retention long at init.
-- The op runs in float32 with autocast off (the fast-weight state is float32 by contract).
+- The op runs with autocast off in at least float32 (the fast-weight state is float32 by contract).
 """
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ class MemoryMixer(nn.Module):
         self.proj = nn.ModuleDict({name: nn.Linear(d, d, bias=False) for name in (*inputs, "g")})
         self.conv = nn.ModuleDict({name: CausalConv(d, cfg.conv_width) for name in inputs})
         if not self.selfmod:
-            self.rates = nn.Linear(d, 2 * H, bias=True)  # eta and alpha logits per head
+            # eta and alpha logits per head, one Linear each so a column split keeps heads whole
+            self.rates = nn.ModuleDict({name: nn.Linear(d, H, bias=True) for name in ("eta", "alpha")})
         n_mem = 5 if self.selfmod else 1
         if cfg.memory_depth == 2:
             self.mem_w1 = nn.Parameter(torch.empty(n_mem, H, dh, dm))
@@ -87,10 +88,9 @@ class MemoryMixer(nn.Module):
             nn.init.constant_(self.eta_b, _logit(0.1))
             nn.init.constant_(self.alpha_b, _logit(0.99))
         else:
-            nn.init.normal_(self.rates.weight, std=self.init_std)
-            H = self.rates.bias.shape[0] // 2
-            self.rates.bias[:H].fill_(_logit(0.1))
-            self.rates.bias[H:].fill_(_logit(0.99))
+            for name, p0 in (("eta", 0.1), ("alpha", 0.99)):
+                nn.init.normal_(self.rates[name].weight, std=self.init_std)
+                nn.init.constant_(self.rates[name].bias, _logit(p0))
         if self.gamma is not None:
             nn.init.constant_(self.gamma, _logit(0.9))
 
@@ -123,7 +123,8 @@ class MemoryMixer(nn.Module):
         if self.selfmod:
             kwargs["a"] = feats["a"]
         else:
-            eta_logit, alpha_logit = self.rates(x).float().chunk(2, dim=-1)
+            dt = torch.promote_types(x.dtype, torch.float32)
+            eta_logit, alpha_logit = (self.rates[name](x).to(dt) for name in ("eta", "alpha"))
             kwargs.update(k=F.normalize(feats["k"], dim=-1), v=F.normalize(feats["v"], dim=-1),
                           eta=self.cfg.eta_max * torch.sigmoid(eta_logit),
                           alpha=torch.sigmoid(alpha_logit))
@@ -134,27 +135,23 @@ class MemoryMixer(nn.Module):
         return y, ({"memory": mem_state, "conv": new_conv} if return_state else None)
 
     def _run_memory(self, q, kwargs, segs, state, return_state):
-        """Run the op in float32; packed documents become a varlen call with resets."""
+        """Packed documents become one varlen call in which the state resets at each start.
+        The op itself computes in at least float32 with autocast off."""
         B, T = q.shape[:2]
-        kernel = self._kernel(q.device)
-        params = self._params()
-        if kernel != "triton":
-            params = MemoryParams(*(p.float() if p is not None else None for p in params))
-            q = q.float()
-            kwargs = {k: v.float() for k, v in kwargs.items()}
         common = dict(chunk=self.cfg.chunk, proj_chunk=self.cfg.proj_chunk, eta_max=self.cfg.eta_max,
                       selfgen=self.cfg.selfgen_values, stopgrad_vhat=self.cfg.stopgrad_vhat,
-                      impl=kernel)
-        with torch.autocast(q.device.type, enabled=False):
-            if segs is not None and segs.cu_seqlens is not None:
-                if state is not None or return_state:
-                    raise ValueError("carrying fast-weight state across calls is not supported together "
-                                     "with document resets inside the batch; pass one document per row")
-                flat = {k: v.reshape(1, B * T, *v.shape[2:]) for k, v in kwargs.items()}
-                o, _ = hope_memory(q.reshape(1, B * T, *q.shape[2:]), params,
-                                   cu_seqlens=segs.cu_seqlens, **flat, **common)
-                return o.view(B, T, *o.shape[2:]), None
-            initial = state["memory"] if state is not None else None
-            return hope_memory(q, params, initial_state=initial,
-                               output_final_state=return_state, **kwargs, **common)
-
+                      impl=self._kernel(q.device))
+        q, kwargs = q.to(torch.promote_types(q.dtype, torch.float32)), {
+            k: v.to(torch.promote_types(v.dtype, torch.float32)) for k, v in kwargs.items()}
+        params = MemoryParams(*(p.to(q.dtype) if p is not None else None for p in self._params()))
+        if segs is not None and segs.cu_seqlens is not None:
+            if state is not None or return_state:
+                raise ValueError("carrying fast-weight state across calls is not supported together "
+                                 "with document resets inside the batch; pass one document per row")
+            flat = {k: v.reshape(1, B * T, *v.shape[2:]) for k, v in kwargs.items()}
+            o, _ = hope_memory(q.reshape(1, B * T, *q.shape[2:]), params,
+                               cu_seqlens=segs.cu_seqlens, **flat, **common)
+            return o.view(B, T, *o.shape[2:]), None
+        initial = state["memory"] if state is not None else None
+        return hope_memory(q, params, initial_state=initial, output_final_state=return_state,
+                           **kwargs, **common)

@@ -1,0 +1,156 @@
+"""Tokenization throughput: data_prep.tokenize against a Megatron-style preprocess, same
+tokenizer, same cores, on >= 200 MB of real offline text (stdlib + site-packages sources/docs).
+
+    python bench/bench_tokenize.py --workdir data/bench
+
+Steps: build the corpus (data_prep.corpus --include-site-packages), train a 32K byte-level BPE on
+its first 50 MB, measure the raw engines (tokenizers vs tiktoken, one thread, in process), then
+time end to end (process start to files on disk) with 1 and 2 workers:
+  * megatron-style: a multiprocessing pool that JSON-parses and encodes one document at a time
+    with ``tokenizers`` and writes with megatron-core's IndexedDatasetBuilder (the approach of
+    Megatron-LM's tools/preprocess_data.py, re-implemented here);
+  * data_prep.tokenize --engine tokenizers, and --engine auto (verified tiktoken).
+All outputs are checked byte-identical to each other before any number is printed.
+"""
+
+import argparse
+import filecmp
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # run as a script from anywhere
+
+_tok = None
+
+
+def _init(path: str) -> None:
+    global _tok
+    from tokenizers import Tokenizer
+
+    _tok = Tokenizer.from_file(path)
+    _tok.encode_special_tokens = True
+
+
+def _encode_line(line: bytes):
+    text = json.loads(line)["text"]
+    return _tok.encode(text, add_special_tokens=False).ids, len(line)
+
+
+def megatron_style(corpus: str, tokenizer: str, prefix: str, workers: int) -> tuple[int, int]:
+    """preprocess_data.py's shape: Pool.imap over lines, one document per call, builder writes."""
+    import torch
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    _init(tokenizer)
+    eod = _tok.token_to_id("<|endoftext|>")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=DType.optimal_dtype(_tok.get_vocab_size()))
+    tokens = docs = 0
+    with open(corpus, "rb") as f, mp.get_context("fork").Pool(workers, _init, (tokenizer,)) as pool:
+        for ids, _ in pool.imap(_encode_line, f, chunksize=25):
+            ids.append(eod)
+            builder.add_document(torch.tensor(ids), [len(ids)])
+            tokens += len(ids)
+            docs += 1
+    builder.finalize(prefix + ".idx")
+    return docs, tokens
+
+
+def run(cmd: list[str]) -> float:
+    t = time.perf_counter()
+    subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   env={**os.environ, "PYTHONPATH": REPO, "TOKENIZERS_PARALLELISM": "false"})
+    return time.perf_counter() - t
+
+
+def engine_ceiling(corpus: str, tokenizer: str, mb: float) -> dict:
+    """One thread, in process, no I/O: MB/s of the raw engines on the corpus's first ``mb`` MB."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from data_prep.engines import load_encoder
+
+    texts, size = [], 0
+    with open(corpus) as f:
+        for line in f:
+            texts.append(json.loads(line)["text"])
+            size += len(texts[-1].encode())
+            if size >= mb * 1e6:
+                break
+    fast = load_encoder(tokenizer, "tiktoken")
+    out = {}
+    for name, fn in [("tokenizers", fast.reference.encode_batch),
+                     ("tiktoken raw", lambda b: [fast.enc.encode_ordinary(t) for t in b]),
+                     ("tiktoken verified", fast.encode_batch)]:
+        t = time.perf_counter()
+        n = sum(len(ids) for i in range(0, len(texts), 64) for ids in fn(texts[i:i + 64]))
+        dt = time.perf_counter() - t
+        out[name] = {"MB/s": size / dt / 1e6, "tokens/s": n / dt}
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default="data/bench")
+    p.add_argument("--max-mb", type=float, default=1000, help="corpus cap (all available by default)")
+    p.add_argument("--vocab-size", type=int, default=32768)
+    p.add_argument("--ceiling-mb", type=float, default=20)
+    args = p.parse_args()
+    w = args.workdir
+    os.makedirs(w, exist_ok=True)
+    corpus, tok = os.path.join(w, "corpus.jsonl"), os.path.join(w, "tokenizer32k.json")
+    py = sys.executable
+    if not os.path.exists(corpus):
+        run([py, "-m", "data_prep.corpus", "--out", corpus, "--max-mb", str(args.max_mb),
+             "--include-site-packages"])
+    if not os.path.exists(tok):
+        run([py, "-m", "data_prep.train_tokenizer", "--input", corpus, "--vocab-size",
+             str(args.vocab_size), "--out", tok, "--max-mb", "50"])
+    mb = os.path.getsize(corpus) / 1e6
+    print(f"corpus {corpus}: {mb:.1f} MB of JSONL; tokenizer {tok} ({args.vocab_size} BPE)\n")
+    ceiling = engine_ceiling(corpus, tok, args.ceiling_mb)
+    print(f"raw engines, 1 thread, first {args.ceiling_mb:g} MB:")
+    for name, r in ceiling.items():
+        print(f"  {name:18s} {r['MB/s']:6.2f} MB/s  {r['tokens/s']:>12,.0f} tokens/s")
+
+    import megatron.core.datasets.indexed_dataset  # noqa: F401  (import time is not throughput)
+
+    results, outputs = [], {}
+    for workers in (1, 2):
+        prefix = os.path.join(w, f"megatron_w{workers}")
+        t = time.perf_counter()
+        docs, tokens = megatron_style(corpus, tok, prefix, workers)
+        results.append(("megatron-style", workers, time.perf_counter() - t))
+        outputs[prefix] = tokens
+        for engine in ("tokenizers", "auto"):
+            prefix = os.path.join(w, f"{engine}_w{workers}")
+            for suffix in (".bin", ".idx", ".done"):
+                if os.path.exists(prefix + suffix):
+                    os.remove(prefix + suffix)
+            dt = run([py, "-m", "data_prep.tokenize", "--input", corpus, "--tokenizer", tok,
+                      "--output-prefix", prefix, "--workers", str(workers), "--engine", engine])
+            results.append((f"data_prep.tokenize --engine {engine}", workers, dt))
+            outputs[prefix] = tokens
+    first = next(iter(outputs))
+    for prefix in outputs:
+        for suffix in (".bin", ".idx"):
+            assert filecmp.cmp(first + suffix, prefix + suffix, shallow=False), f"{prefix}{suffix} differs"
+    print(f"\nall {len(outputs)} outputs byte-identical: {docs:,} documents, {tokens:,} tokens\n")
+    base = {wk: dt for name, wk, dt in results if name == "megatron-style"}
+    print("| pipeline | workers | seconds | MB/s | tokens/s | tokens/s per core | vs megatron-style |")
+    print("|---|---|---|---|---|---|---|")
+    for name, workers, dt in results:
+        print(f"| {name} | {workers} | {dt:.1f} | {mb / dt:.2f} | {tokens / dt:,.0f} | "
+              f"{tokens / dt / workers:,.0f} | {base[workers] / dt:.2f}x |")
+    for name in dict.fromkeys(n for n, _, _ in results):
+        one, two = (dt for n, _, dt in results if n == name)
+        print(f"scaling 1 -> 2 workers, {name}: {one / two:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Raw text -> Megatron indexed datasets: default corpus, tokenizer training, fast tokenization."""

@@ -1,0 +1,107 @@
+"""FSDP2 units along the CMS clocks, and their clocked reduction.
+
+Units: every CMS level of every block is its own `fully_shard` unit (so it can skip its
+reduction between ticks), the rest of each block is one unit, and so are the embedding, the
+final norm and the head. There is no unit at the model's root: the pipeline's stage views are
+then plain modules, and the pipeline does not force a reduction of every unit after backward.
+
+All units keep `requires_gradient_sync(False)`: during backward FSDP2 only accumulates each
+unit's unsharded gradient locally (float32 for float32 parameters). After the step's last
+micro-batch `FSDPClockedSync` reduce-scatters exactly the units whose clock group ticks, once,
+as a SUM over the data-parallel ranks (HSDP adds the all-reduce over dp_replicate). The bytes
+are counted inside the reduce-scatter FSDP calls, from the buffer it hands to torch.distributed.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, Shard
+
+from hope_dist.clock import CMSClock
+
+
+class CountingReduceScatter:
+    """FSDP2's reduce-scatter (its `ReduceScatter` comm interface: allocate + call), counting
+    the bytes of every input it hands to the collective."""
+
+    def __init__(self):
+        self.bytes = 0
+
+    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+        self.bytes += input_tensor.numel() * input_tensor.element_size()
+        return dist.reduce_scatter_tensor(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
+
+
+def _shard_dim(size: int):
+    """FSDP shards each parameter on its first axis that splits evenly over `size` ranks and that
+    tp does not shard (no padding: the reduced buffers are exactly the gradients), else axis 0."""
+
+    def placement(p: nn.Parameter) -> Shard:
+        tp_dims = {pl.dim for pl in p.placements if isinstance(pl, Shard)} if isinstance(p, DTensor) else set()
+        shape = p.to_local().shape if isinstance(p, DTensor) else p.shape
+        for dim, n in enumerate(shape):
+            if n % size == 0 and dim not in tp_dims:
+                return Shard(dim)
+        return Shard(0)
+
+    return placement
+
+
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh) -> dict[str, list[FSDPModule]]:
+    """Shard `model` (a HopeModel or a stage's part of one) over `mesh` (dp_shard, or
+    (dp_replicate, dp_shard) for HSDP); returns the units by clock group name."""
+    units: dict[str, list[FSDPModule]] = defaultdict(list)
+    placement = _shard_dim(mesh.size(-1))
+
+    def shard(module: nn.Module, group: str) -> None:
+        unit = fully_shard(module, mesh=mesh, shard_placement_fn=placement)
+        unit.set_requires_gradient_sync(False, recurse=False)
+        unit.set_gradient_divide_factor(1.0)  # token-SUM loss: reduce as a sum
+        unit.set_force_sum_reduction_for_comms(True)
+        unit.set_custom_reduce_scatter(CountingReduceScatter())
+        units[group].append(unit)
+
+    for block in model.layers.values():
+        for i, level in enumerate(block.cms.levels):
+            shard(level, f"cms.{i}")
+        shard(block, "base")
+    for name in ("tok_embeddings", "norm", "output"):
+        module = getattr(model, name)
+        if module is not None:
+            shard(module, "base")
+    return dict(units)
+
+
+def _param_groups(unit: FSDPModule):
+    return fully_shard.state(unit)._fsdp_param_groups
+
+
+class FSDPClockedSync:
+    """Reduce the ticking units' window gradients once per tick; see the module docstring."""
+
+    def __init__(self, units: dict[str, list[FSDPModule]]):
+        self.units = units
+
+    def reduce(self, clock: CMSClock, step: int, step_tokens: int) -> tuple[list, dict[str, int]]:
+        sent = {}
+        for g in clock.ticking(step):
+            sent[g.name] = 0
+            for unit in self.units.get(g.name, []):
+                comm = _param_groups(unit)[0]._reduce_scatter_comm
+                before = comm.bytes
+                unit.set_requires_gradient_sync(True, recurse=False)
+                for group in _param_groups(unit):
+                    group.post_backward()
+                    group.finalize_backward()
+                unit.set_requires_gradient_sync(False, recurse=False)
+                sent[g.name] += comm.bytes - before
+        # the window sums are now the ticking units' sharded .grad; the clock hands them on
+        return clock.advance(step, step_tokens), sent

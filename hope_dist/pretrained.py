@@ -1,0 +1,283 @@
+"""Exported model folders (Hugging Face-style, our model) and `from_pretrained` for inference.
+
+Folder layout:
+  config.json                      {"architectures": ["HopeModel"], "model_type": "hope",
+                                    "torch_dtype", "hope_dist": {"format", "model": ModelConfig,
+                                    "source": where it came from}}
+  model.safetensors                the weights, keyed as HopeModel.state_dict(); or, above
+                                   --max-shard-size, model-0000i-of-0000n.safetensors with
+                                   model.safetensors.index.json ({"metadata", "weight_map"})
+  tokenizer.json                   when known (tokenizers.Tokenizer), with tokenizer_config.json
+
+`HopeLM` carries the fast-weight state across calls. A memory op counts its chunks from the
+start of each call, so the state is carried only at multiples of `proj_chunk` tokens: the
+session keeps the state at the last such boundary and re-runs the tokens after it (fewer than
+proj_chunk) with every call. Scoring or generating piece by piece therefore computes exactly
+what one forward over the whole text computes, for all three mixers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from hope_dist.config import ConfigError, ModelConfig, from_dict
+from hope_dist.model import HopeModel
+
+FORMAT = "hope_dist.pretrained/1"
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+TOKENIZER = "tokenizer.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class PretrainedError(ValueError):
+    """An exported folder that cannot be used; the message names the file."""
+
+
+# ------------------------------------------------------------------ writing and reading folders
+def save_pretrained(folder: Path, weights: dict[str, torch.Tensor], model_cfg: ModelConfig, *,
+                    dtype: torch.dtype = torch.float32, tokenizer: str | Path | None = None,
+                    max_shard_bytes: int | None = None, source: dict[str, Any] | None = None) -> Path:
+    """Write `weights` (full tensors) as an exported folder; shards above `max_shard_bytes`."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = {v: k for k, v in DTYPES.items()}[dtype]
+    tensors = {k: v.detach().to(dtype).contiguous() for k, v in weights.items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(tensors):
+        nbytes = tensors[key].numel() * tensors[key].element_size()
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensors[key]
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / WEIGHTS), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(folder / file), metadata={"format": "pt"})
+            weight_map.update({k: file for k in shard})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                               indent=1, sort_keys=True))
+    config = {"architectures": ["HopeModel"], "model_type": "hope", "torch_dtype": name,
+              "vocab_size": model_cfg.vocab_size, "hidden_size": model_cfg.d_model,
+              "num_hidden_layers": model_cfg.n_layers, "num_attention_heads": model_cfg.n_heads,
+              "hope_dist": {"format": FORMAT, "model": dataclasses.asdict(model_cfg), "source": source or {}}}
+    (folder / CONFIG).write_text(json.dumps(config, indent=1))
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, folder / TOKENIZER)
+        (folder / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
+             "model_max_length": None}, indent=1))
+    return folder
+
+
+def read_config(folder: Path) -> ModelConfig:
+    file = Path(folder) / CONFIG
+    if not file.is_file():
+        raise PretrainedError(f"{file}: missing; {folder} is not an exported hope_dist folder "
+                              f"(make one with: python -m tools.convert export-hf CKPT OUT)")
+    try:
+        config = json.loads(file.read_text())
+    except ValueError as e:
+        raise PretrainedError(f"{file}: not valid JSON ({e})") from None
+    ours = config.get("hope_dist", {})
+    if config.get("model_type") != "hope" or ours.get("format") != FORMAT:
+        raise PretrainedError(
+            f"{file}: model_type {config.get('model_type')!r} / architectures {config.get('architectures')}; "
+            f"this loader reads hope_dist HopeModel folders ({FORMAT}), not another architecture")
+    try:
+        return from_dict(ModelConfig, ours["model"], prefix="model")
+    except (ConfigError, KeyError) as e:
+        raise PretrainedError(f"{file}: bad model config: {e}") from None
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder (one file, or the shards its index lists)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if (folder / INDEX).is_file():
+        weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif (folder / WEIGHTS).is_file():
+        weight_map, files = None, [WEIGHTS]
+    else:
+        raise PretrainedError(f"{folder / WEIGHTS}: missing (and no {INDEX}); export the checkpoint again")
+    weights: dict[str, torch.Tensor] = {}
+    for name in files:
+        file = folder / name
+        if not file.is_file():
+            raise PretrainedError(f"{file}: shard missing (listed in {folder / INDEX})")
+        try:
+            part = load_file(str(file))
+        except (SafetensorError, OSError) as e:
+            raise PretrainedError(f"{file}: unreadable safetensors file ({e}); it is corrupt or truncated") from None
+        if weight_map is not None:
+            stray = sorted(k for k in part if weight_map.get(k) != name)
+            if stray:
+                raise PretrainedError(f"{file}: holds {stray[:3]} which {INDEX} does not map to it")
+        weights.update(part)
+    return weights
+
+
+def build_from_weights(model_cfg: ModelConfig, weights: dict[str, torch.Tensor], source: str,
+                       device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> HopeModel:
+    """A HopeModel holding exactly `weights` (computing in float32 unless `dtype`); a key or
+    shape mismatch is an error naming `source` (the files the weights and config came from)."""
+    with torch.device("meta"):
+        model = HopeModel(model_cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = [f"{k}: stored {tuple(weights[k].shape)}, config wants {tuple(s)}" for k, s in expected.items()
+             if k in weights and weights[k].shape != s]
+    if missing or unexpected or wrong:
+        raise PretrainedError(
+            f"{source}: the weights do not fit the model config"
+            + (f"\n  missing {missing[:5]}" if missing else "") + (f"\n  unexpected {unexpected[:5]}" if unexpected else "")
+            + "".join(f"\n  {w}" for w in wrong[:5]))
+    model.to_empty(device=device)
+    model.load_state_dict(weights)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+# ------------------------------------------------------------------ inference session
+@dataclass
+class Score:
+    token_ids: list[int]
+    logprobs: torch.Tensor  # log p(token_i | everything before it); the session's first token has none
+
+    @property
+    def total(self) -> float:
+        return float(self.logprobs.sum())
+
+    @property
+    def perplexity(self) -> float:
+        return float(torch.exp(-self.logprobs.mean())) if len(self.logprobs) else float("nan")
+
+
+class HopeLM:
+    """An exported model with a running context: `score` and `generate` continue where the last
+    call stopped (fast-weight state, conv caches, KV cache) until `reset()`."""
+
+    def __init__(self, model: HopeModel, tokenizer=None):
+        self.model = model
+        self.config = model.cfg
+        self.tokenizer = tokenizer
+        self.span = model.cfg.proj_chunk  # state is carried at multiples of this many tokens
+        self.reset()
+
+    def reset(self) -> None:
+        self._state: list | None = None  # per-layer state at the last span boundary
+        self._tail: list[int] = []  # tokens since that boundary (< span)
+        self._next_logits: torch.Tensor | None = None  # prediction for the next token
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        """Append `ids` to the context; return their logits (len(ids), vocab): row i predicts
+        the token after ids[i]."""
+        out = []
+        tail, fresh = list(self._tail), list(ids)
+        while fresh:
+            take = min(len(fresh), self.span - len(tail))
+            window = tail + fresh[:take]
+            x = torch.tensor([window], dtype=torch.long, device=self.device)
+            y, state = self.model(x, state=self._state, return_state=True)
+            out.append(y[0, len(tail):].float())
+            fresh = fresh[take:]
+            if len(window) == self.span:
+                self._state, tail = state, []
+            else:
+                tail = window
+        self._tail = tail
+        result = torch.cat(out) if out else torch.empty(0, self.config.vocab_size, device=self.device)
+        if len(result):
+            self._next_logits = result[-1]
+        return result
+
+    def _encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise PretrainedError("this folder has no tokenizer.json; pass token ids (score_ids / generate_ids) "
+                                  "or export with --tokenizer")
+        return self.tokenizer.encode(text).ids
+
+    def score_ids(self, ids: list[int]) -> Score:
+        """Log-likelihood of `ids` following the current context."""
+        prev = self._next_logits
+        logits = self.logits(ids)
+        preds = logits[:-1] if prev is None else torch.cat([prev[None], logits[:-1]])
+        targets = torch.tensor(ids[1:] if prev is None else ids, device=logits.device)
+        logprobs = F.log_softmax(preds, dim=-1).gather(1, targets[:, None])[:, 0] if len(targets) else preds.new_zeros(0)
+        return Score(list(ids), logprobs.cpu())
+
+    def score(self, text: str) -> Score:
+        return self.score_ids(self._encode(text))
+
+    @torch.no_grad()
+    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
+                     top_k: int | None = None, seed: int | None = None, stop_id: int | None = None) -> list[int]:
+        """Feed the prompt, then sample: greedy at temperature 0, else softmax(logits / T) over
+        the top_k. The generated tokens stay in the context."""
+        if prompt_ids:
+            self.logits(prompt_ids)
+        if self._next_logits is None:
+            raise ValueError("generate needs a prompt or an earlier call: there is nothing to continue")
+        gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+        new: list[int] = []
+        for _ in range(max_new_tokens):
+            logits = self._next_logits
+            if temperature <= 0:
+                tok = int(logits.argmax())
+            else:
+                scaled = logits.cpu() / temperature
+                if top_k is not None:
+                    kth = scaled.topk(min(top_k, scaled.numel())).values[-1]
+                    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+                tok = int(torch.multinomial(scaled.softmax(-1), 1, generator=gen))
+            new.append(tok)
+            self.logits([tok])
+            if stop_id is not None and tok == stop_id:
+                break
+        return new
+
+    def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int | None = None, seed: int | None = None) -> str:
+        eod = self.tokenizer.token_to_id("<|endoftext|>") if self.tokenizer is not None else None
+        ids = self.generate_ids(self._encode(prompt), max_new_tokens, temperature, top_k, seed, stop_id=eod)
+        return self.tokenizer.decode(ids)
+
+
+def from_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> HopeLM:
+    """Load an exported folder for scoring and generation (see HopeLM)."""
+    folder = Path(path)
+    model_cfg = read_config(folder)
+    files = folder / (INDEX if (folder / INDEX).is_file() else WEIGHTS)
+    model = build_from_weights(model_cfg, read_weights(folder), f"{files} vs {folder / CONFIG}", device, dtype)
+    tokenizer = None
+    if (folder / TOKENIZER).is_file():
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(folder / TOKENIZER))
+    return HopeLM(model, tokenizer)

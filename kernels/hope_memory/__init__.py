@@ -1,0 +1,183 @@
+"""The HOPE memory op (HOPE_SPEC section 2): self-modifying Titans memories, read per token.
+
+Conventions this op fixes where the spec leaves them open (all paths follow them):
+- Memory order on the n_mem axis: (k, v, eta, alpha, o) for selfmod, (o,) for titans (types.py).
+  A depth-1 memory is M(z) = W z (no residual); depth 2 is M(z) = z + W1 silu(W2 z).
+- l2norm(x) = x / sqrt(||x||^2 + 1e-6) (naive.l2norm), for the self-modifying k and v.
+- titans has no self-generated targets: vhat = v whatever `selfgen` says, and v keeps its gradient.
+  With selfmod, `stopgrad_vhat` detaches only self-generated targets (selfgen=True).
+- gamma = sigmoid(params.gamma) is a constant per head; momenta start at 0 unless initial_state
+  carries them, and the state carries them (s1, s2) exactly when momentum is on.
+- Chunks are counted from the start of every call (and of every packed document): a state passed
+  between calls carries no chunk phase, so two segments equal one long sequence when the first
+  segment's length is a multiple of proj_chunk. The last chunk of a sequence may be short.
+- The PyTorch paths (naive, torch) compute in float32 for 16-bit inputs, outside autocast.
+- The chunked path clamps alpha to the dtype's smallest normal number before taking its log, so
+  alpha must be > 0 for it to match the reference exactly (sigmoid outputs are).
+"""
+from __future__ import annotations
+
+import torch
+
+from .chunk_torch import chunk_torch_hope_memory
+from .naive import l2norm, naive_hope_memory
+from .types import MEMORY_NAMES, MemoryParams, MemoryState
+
+__all__ = ["MEMORY_NAMES", "MemoryParams", "MemoryState", "hope_memory", "l2norm"]
+
+IMPLS = ("naive", "torch", "triton")
+
+
+def hope_memory(
+    q: torch.Tensor,
+    params: MemoryParams,
+    *,
+    a: torch.Tensor | None = None,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    eta: torch.Tensor | None = None,
+    alpha: torch.Tensor | None = None,
+    initial_state: MemoryState | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk: int = 64,
+    proj_chunk: int = 64,
+    eta_max: float = 1.0,
+    selfgen: bool = True,
+    stopgrad_vhat: bool = True,
+    impl: str = "torch",
+) -> tuple[torch.Tensor, MemoryState | None]:
+    """o_t = M_{o,t}(q_t), per head, inclusive of token t's own write.
+
+    q: (B, T, H, d_h), conv+SiLU'd and L2-normalised by the model. Variant from params:
+    n_mem = 5 (selfmod: give `a`, (B, T, H, d_h)) or 1 (titans: give k, v (B, T, H, d_h),
+    L2-normalised, and eta in [0, eta_max], alpha in [0, 1], (B, T, H)). Depth 1 iff params.w1 is
+    None; momentum iff params.gamma is not None. initial_state: None starts from the params'
+    weights with zero momenta. cu_seqlens: (N+1,) int offsets of packed documents (B = 1); every
+    document starts from its own state (initial_state batch N, or the params) and the final state
+    has batch N. chunk: M_o's chunk; proj_chunk (a multiple of chunk): the projection memories'.
+    selfgen: vhat_* = M_{*,c}(v_t) (selfmod only); stopgrad_vhat detaches those targets.
+    impl: "naive" (per-token reference), "torch" (chunked PyTorch) or "triton" (kernels.hope_memory.chunk).
+    Returns (o (B, T, H, d_h), final MemoryState if output_final_state else None).
+    """
+    _check_inputs(q, params, a, k, v, eta, alpha, initial_state, cu_seqlens, chunk, proj_chunk, eta_max, impl)
+    kwargs = dict(a=a, k=k, v=v, eta=eta, alpha=alpha, initial_state=initial_state,
+                  output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk=chunk,
+                  proj_chunk=proj_chunk, eta_max=eta_max, selfgen=selfgen, stopgrad_vhat=stopgrad_vhat)
+    if impl == "triton":
+        from .chunk import chunk_hope_memory
+
+        return chunk_hope_memory(q, params, **kwargs)
+    return _run_torch(naive_hope_memory if impl == "naive" else chunk_torch_hope_memory, q, params, kwargs)
+
+
+def _run_torch(fn, q, params, kwargs):
+    """The PyTorch paths compute in float32 for 16-bit inputs (solve_triangular has no 16-bit
+    kernel, and a recurrence should not accumulate in bf16) and ignore autocast; o and the final
+    state come back in q's dtype."""
+    dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    cast = lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+    with torch.autocast(q.device.type, enabled=False):
+        state = kwargs["initial_state"]
+        kwargs = {**{n: cast(x) for n, x in kwargs.items()},
+                  "initial_state": None if state is None else MemoryState(*map(cast, state))}
+        o, final = fn(cast(q), MemoryParams(*map(cast, params)), **kwargs)
+    if final is not None:
+        final = MemoryState(*(None if x is None else x.to(q.dtype) for x in final))
+    return o.to(q.dtype), final
+
+
+def _check_shape(name: str, x, shape: tuple, ref: torch.Tensor) -> None:
+    if x is None:
+        raise ValueError(f"{name} is required here: expected a tensor of shape {shape}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape}, got {type(x).__name__}")
+    if tuple(x.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {shape}")
+    if x.dtype != ref.dtype or x.device != ref.device:
+        raise ValueError(f"{name} is {x.dtype} on {x.device}; it must match q ({ref.dtype} on {ref.device})")
+
+
+def _check_absent(name: str, x, why: str) -> None:
+    if x is not None:
+        raise ValueError(f"{name} must be None {why}")
+
+
+def _check_inputs(q, params, a, k, v, eta, alpha, initial_state, cu_seqlens, chunk, proj_chunk,
+                  eta_max, impl) -> None:
+    """Every shape, dtype and flag combination, with errors naming the argument."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if not isinstance(q, torch.Tensor) or q.dim() != 4 or not q.is_floating_point():
+        raise ValueError("q must be a floating-point tensor of shape (B, T, H, d_h)")
+    if not isinstance(params, MemoryParams):
+        raise TypeError(f"params must be a MemoryParams, got {type(params).__name__}")
+    batch, seq, heads, d_h = q.shape
+    if seq == 0:
+        raise ValueError("q has T = 0 tokens; the op needs at least one")
+    if params.w2.dim() != 4:
+        raise ValueError(f"params.w2 must be (n_mem, H, d_m, d_h), got shape {tuple(params.w2.shape)}")
+    n_mem, d_m = params.w2.shape[0], params.w2.shape[2]
+    if n_mem not in (1, 5):
+        raise ValueError(f"params.w2 has n_mem = {n_mem}; expected 5 (selfmod) or 1 (titans)")
+    if params.w1 is None:
+        _check_shape("params.w2 (depth 1)", params.w2, (n_mem, heads, d_h, d_h), q)
+    else:
+        _check_shape("params.w2", params.w2, (n_mem, heads, d_m, d_h), q)
+        _check_shape("params.w1", params.w1, (n_mem, heads, d_h, d_m), q)
+    if n_mem == 5:
+        _check_shape("a (selfmod, n_mem = 5)", a, (batch, seq, heads, d_h), q)
+        for name, x in (("k", k), ("v", v), ("eta", eta), ("alpha", alpha)):
+            _check_absent(name, x, "for selfmod (n_mem = 5): the projection memories produce it from a")
+        for name in ("eta_w", "alpha_w"):
+            _check_shape(f"params.{name}", getattr(params, name), (heads, d_h), q)
+        for name in ("eta_b", "alpha_b"):
+            _check_shape(f"params.{name}", getattr(params, name), (heads,), q)
+    else:
+        _check_absent("a", a, "for titans (n_mem = 1): give k, v, eta, alpha instead")
+        for name, x in (("k", k), ("v", v)):
+            _check_shape(f"{name} (titans, n_mem = 1)", x, (batch, seq, heads, d_h), q)
+        for name, x in (("eta", eta), ("alpha", alpha)):
+            _check_shape(f"{name} (titans, n_mem = 1)", x, (batch, seq, heads), q)
+        for name in ("eta_w", "eta_b", "alpha_w", "alpha_b"):
+            _check_absent(f"params.{name}", getattr(params, name), "for titans (n_mem = 1): it has no M_eta/M_alpha")
+    if params.gamma is not None:
+        _check_shape("params.gamma", params.gamma, (heads,), q)
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    if not isinstance(proj_chunk, int) or proj_chunk < 1 or proj_chunk % chunk:
+        raise ValueError(f"proj_chunk must be a positive multiple of chunk = {chunk}, got {proj_chunk!r}")
+    if not eta_max >= 0:
+        raise ValueError(f"eta_max must be >= 0, got {eta_max!r}")
+    n_seq = batch
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise ValueError("cu_seqlens must be a 1-D int32/int64 tensor of document offsets (N+1,)")
+        if batch != 1:
+            raise ValueError(f"cu_seqlens needs packed input with B = 1, got B = {batch}")
+        if cu_seqlens.device != q.device:
+            raise ValueError(f"cu_seqlens is on {cu_seqlens.device}; it must be on q's device {q.device}")
+        cu = cu_seqlens.tolist()
+        if len(cu) < 2 or cu[0] != 0 or cu[-1] != seq or any(e <= s for s, e in zip(cu[:-1], cu[1:])):
+            raise ValueError(f"cu_seqlens must rise strictly from 0 to T = {seq} (no empty documents), got {cu}")
+        n_seq = len(cu) - 1
+    if initial_state is not None:
+        _check_state(initial_state, params, n_seq, q)
+
+
+def _check_state(state, params: MemoryParams, n_seq: int, q: torch.Tensor) -> None:
+    if not isinstance(state, MemoryState):
+        raise TypeError(f"initial_state must be a MemoryState, got {type(state).__name__}")
+    what = "the number of documents in cu_seqlens" if n_seq != q.shape[0] else "B"
+    w2_shape = (n_seq, *params.w2.shape)
+    _check_shape(f"initial_state.w2 (batch = {what})", state.w2, w2_shape, q)
+    momentum = params.gamma is not None
+    for name in ("w1", "s1", "s2"):
+        x = getattr(state, name)
+        ref = params.w1 if name != "s2" else params.w2
+        wanted = ref is not None and (name == "w1" or momentum)
+        if not wanted:
+            why = "(depth 1: params.w1 is None)" if ref is None else "(momentum off: params.gamma is None)"
+            _check_absent(f"initial_state.{name}", x, why)
+        else:
+            _check_shape(f"initial_state.{name} (batch = {what})", x, (n_seq, *ref.shape), q)

@@ -1,0 +1,150 @@
+"""Per-token reference of the HOPE memory op (HOPE_SPEC section 2): the contract every faster path
+is tested against. A plain loop over tokens, batched only over sequences, memories and heads.
+
+It also holds the few definitions the faster paths share (the layout, l2norm, a memory's forward
+map, the rank-1 factors of its inner gradient, the self-modifying projections, the default initial
+state), so that each exists once. Internal layout: token tensors are (B, 1, H, T, ...) and states
+(B, n_mem, H, ., .), so one memory axis broadcasts over all memories.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .types import MemoryParams, MemoryState
+
+L2NORM_EPS = 1e-6
+
+
+def heads_first(x: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, T, H, ...) -> (B, 1, H, T, ...), the internal layout."""
+    return None if x is None else x.transpose(1, 2).unsqueeze(1)
+
+
+def tokens_first(x: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, T, ...) -> (B, T, H, ...), the public layout."""
+    return x.squeeze(1).transpose(1, 2)
+
+
+def l2norm(x: torch.Tensor) -> torch.Tensor:
+    """x / sqrt(||x||^2 + 1e-6) over the last axis: smooth at 0, so an all-zero input gives 0."""
+    return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + L2NORM_EPS)
+
+
+def memory_forward(w1: torch.Tensor | None, w2: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """M(z) = z + W1 silu(W2 z) (depth 2) or W2 z (depth 1, no residual), for rows z (..., T, d_h)."""
+    y = z @ w2.mT
+    return y if w1 is None else z + F.silu(y) @ w1.mT
+
+
+def _silu_grad(y: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(y)
+    return s * (1 + y * (1 - s))
+
+
+def inner_grad_factors(w1, w2, k, vhat):
+    """Rank-1 factors of the inner gradient of l = 1/2 ||M(k) - vhat||^2 at (w1, w2), per row:
+    grad W2 = u k^T and grad W1 = e h^T. Returns (u, e, h); e and h are None for depth 1."""
+    y = k @ w2.mT
+    if w1 is None:
+        return y - vhat, None, None
+    h = F.silu(y)
+    e = k + h @ w1.mT - vhat
+    return (e @ w1) * _silu_grad(y), e, h
+
+
+def projections(w1, w2, a, params: MemoryParams, eta_max: float):
+    """k, v, eta, alpha of the self-modifying mixer from the projection memories (k, v, eta, alpha)
+    at their chunk-start state w1/w2 (B, 4, H, ., .); a (B, 1, H, T, d_h).
+    Returns k, v (B, 1, H, T, d_h) and eta, alpha (B, 1, H, T)."""
+    m = memory_forward(w1, w2, a)
+    k, v = l2norm(m[:, 0:1]), l2norm(m[:, 1:2])
+    eta = eta_max * torch.sigmoid((m[:, 2:3] * params.eta_w[:, None]).sum(-1) + params.eta_b[:, None])
+    alpha = torch.sigmoid((m[:, 3:4] * params.alpha_w[:, None]).sum(-1) + params.alpha_b[:, None])
+    return k, v, eta, alpha
+
+
+def initial_memory_state(params: MemoryParams, batch: int) -> MemoryState:
+    """The state a sequence (or document) starts from: the params' weights, zero momenta."""
+    w1 = None if params.w1 is None else params.w1.expand(batch, *params.w1.shape)
+    w2 = params.w2.expand(batch, *params.w2.shape)
+    if params.gamma is None:
+        return MemoryState(w1, w2)
+    return MemoryState(w1, w2, None if w1 is None else torch.zeros_like(w1), torch.zeros_like(w2))
+
+
+def _naive_sequences(q, a, k, v, eta, alpha, state, params, chunk, proj_chunk, eta_max, selfgen,
+                     stopgrad_vhat):
+    """Sequences that all start at a chunk boundary, in the internal layout; returns (o, state)."""
+    w1, w2, s1, s2 = state
+    n_proj = w2.shape[1] - 1
+    selfmod = a is not None
+    gamma = None if params.gamma is None else torch.sigmoid(params.gamma)[:, None, None]
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+    outs = []
+    for t in range(q.shape[-2]):
+        if t % proj_chunk == 0:  # projection memories' chunk-start snapshot
+            c1p = None if w1 is None else w1[:, :n_proj]
+            c2p = w2[:, :n_proj]
+        if t % chunk == 0:  # M_o's chunk-start snapshot
+            c1o = None if w1 is None else w1[:, n_proj:]
+            c2o = w2[:, n_proj:]
+        c1 = None if w1 is None else torch.cat([c1p, c1o], 1)
+        c2 = torch.cat([c2p, c2o], 1)
+        tok = slice(t, t + 1)
+        if selfmod:
+            k_t, v_t, eta_t, alpha_t = projections(c1p, c2p, a[..., tok, :], params, eta_max)
+        else:
+            k_t, v_t, eta_t, alpha_t = k[..., tok, :], v[..., tok, :], eta[..., tok], alpha[..., tok]
+        if selfmod and selfgen:
+            vhat = memory_forward(c1, c2, v_t)
+            vhat = vhat.detach() if stopgrad_vhat else vhat
+        else:
+            vhat = v_t
+        u, e, h = inner_grad_factors(c1, c2, k_t, vhat)
+        eta_t, alpha_t = eta_t[..., None], alpha_t[..., None]  # (B, 1, H, 1, 1)
+        g2 = u.mT @ k_t
+        s2 = g2 if gamma is None else gamma * s2 + g2
+        w2 = w2 @ (alpha_t * eye - eta_t * k_t.mT @ k_t) - eta_t * s2
+        if w1 is not None:
+            g1 = e.mT @ h
+            s1 = g1 if gamma is None else gamma * s1 + g1
+            w1 = alpha_t * w1 - eta_t * s1
+        outs.append(memory_forward(None if w1 is None else w1[:, n_proj:], w2[:, n_proj:], q[..., tok, :]))
+    if gamma is None:
+        s1 = s2 = None
+    return torch.cat(outs, -2), MemoryState(w1, w2, s1, s2)
+
+
+def naive_hope_memory(q, params: MemoryParams, *, a=None, k=None, v=None, eta=None, alpha=None,
+                      initial_state: MemoryState | None = None, output_final_state: bool = False,
+                      cu_seqlens=None, chunk: int = 64, proj_chunk: int = 64, eta_max: float = 1.0,
+                      selfgen: bool = True, stopgrad_vhat: bool = True):
+    """Reference path of `kernels.hope_memory.hope_memory` (same arguments, already validated).
+    Packed documents (cu_seqlens) run one by one, each from its own initial state."""
+    if cu_seqlens is None:
+        bounds, batch = [(0, q.shape[1])], q.shape[0]
+    else:
+        cu = cu_seqlens.tolist()
+        bounds, batch = list(zip(cu[:-1], cu[1:])), 1
+    outs, states = [], []
+    for i, (start, end) in enumerate(bounds):
+        if initial_state is None:
+            state = initial_memory_state(params, batch)
+        elif cu_seqlens is None:
+            state = initial_state
+        else:
+            state = MemoryState(*(None if s is None else s[i:i + 1] for s in initial_state))
+        tok = slice(start, end)
+        o, state = _naive_sequences(
+            heads_first(q[:, tok]), heads_first(None if a is None else a[:, tok]),
+            heads_first(None if k is None else k[:, tok]), heads_first(None if v is None else v[:, tok]),
+            heads_first(None if eta is None else eta[:, tok]),
+            heads_first(None if alpha is None else alpha[:, tok]),
+            state, params, chunk, proj_chunk, eta_max, selfgen, stopgrad_vhat)
+        outs.append(tokens_first(o))
+        states.append(state)
+    o = torch.cat(outs, 1)
+    if not output_final_state:
+        return o, None
+    return o, MemoryState(*(None if f[0] is None else torch.cat(f, 0) for f in zip(*states)))

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# HOPE 1.3B (configs/hope_1b3.yaml) on 4 nodes x 8 H100: `sbatch launch/hope_1b3.sh [ARGS]` from the
+# repository root. ARGS and the HOPE_* variables of docs/launch.md override anything here.
+#SBATCH --job-name=hope_1b3
+#SBATCH --nodes=4
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=96
+#SBATCH --mem=0
+#SBATCH --exclusive
+#SBATCH --time=24:00:00
+#SBATCH --signal=B:USR1@180
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=launch/logs/%x-%j.out
+set -uo pipefail
+HOPE_CONFIG=${HOPE_CONFIG:-configs/hope_1b3.yaml}
+HOPE_SCRIPT=$(realpath "${BASH_SOURCE[0]}")
+here=$(dirname "$HOPE_SCRIPT")  # under sbatch, a copy in slurmd's spool: then the submit dir
+if [[ -f $here/common.sh ]]; then HOPE_REPO=${HOPE_REPO:-$(dirname "$here")}; else HOPE_REPO=${HOPE_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}; fi
+[[ -f $HOPE_REPO/launch/common.sh ]] || { echo "launch: no launch/common.sh in $HOPE_REPO: submit from the repository root or set HOPE_REPO" >&2; exit 2; }
+source "$HOPE_REPO/launch/common.sh"
+hope_main "$@"

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create .venv and install hope_dist with its test extras. Installs the CPU torch 2.13.0 wheel
+# first (a fresh machine has it locally) so nothing pulls a CUDA build; on a GPU machine set
+# TORCH_SPEC to the torch you want, e.g. TORCH_SPEC="torch==2.13.0" with the CUDA index.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+python -m pip install -q -e ".[${EXTRAS:-dev}]"
+python -c "import torch, megatron.core, tokenizers; print(f'hope_dist env ready: torch {torch.__version__}')"

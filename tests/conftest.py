@@ -1,0 +1,53 @@
+"""Shared fixtures: small real Megatron datasets and tiny configs (no mocks)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+torch.set_num_threads(1)
+
+
+def write_indexed_dataset(prefix: Path, docs: list[np.ndarray]) -> Path:
+    """Write `docs` (token arrays, EOD included) as PREFIX.bin/.idx with megatron-core's builder."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.uint16)
+    for doc in docs:
+        builder.add_document(torch.as_tensor(doc.astype(np.int64)), [len(doc)])
+    builder.finalize(str(prefix) + ".idx")
+    return prefix
+
+
+@pytest.fixture(scope="session")
+def random_dataset(tmp_path_factory) -> tuple[Path, int, int]:
+    """A learnable synthetic corpus: documents of a repeating pattern, EOD = 0. Returns
+    (prefix, vocab_size, eod_id)."""
+    rng = np.random.default_rng(0)
+    vocab, eod = 96, 0
+    docs = []
+    for _ in range(400):
+        period = int(rng.integers(2, 6))
+        pattern = rng.integers(1, vocab, size=period)
+        length = int(rng.integers(20, 90))
+        docs.append(np.concatenate([np.resize(pattern, length), [eod]]))
+    prefix = tmp_path_factory.mktemp("data") / "synthetic"
+    return write_indexed_dataset(prefix, docs), vocab, eod
+
+
+def tiny_overrides(prefix: Path, vocab: int, eod: int, run_dir: Path, **extra) -> list[str]:
+    """Command-line overrides for a tiny CPU job on `prefix`."""
+    base = {
+        "run_dir": run_dir, "model.vocab_size": vocab, "model.d_model": 32, "model.n_layers": 2,
+        "model.n_heads": 2, "model.chunk": 8, "model.proj_chunk": 16,
+        "model.cms": "[{width: 32, period: 1}, {width: 32, period: 2}, {width: 32, period: 4}]",
+        "training.steps": 8, "training.seq_len": 32, "training.global_batch": 4, "training.micro_batch": 2,
+        "optim.warmup_steps": 2, "optim.lr": 3e-3, "data.paths": f"[{prefix}]", "data.eod_id": eod,
+        "metrics.wandb": False, "metrics.progress": False, "checkpoint.interval": 0,
+    }
+    base.update(extra)
+    return [f"--{k}={v}" for k, v in base.items()]

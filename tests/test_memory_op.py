@@ -1,0 +1,388 @@
+"""The HOPE memory op (kernels.hope_memory, HOPE_SPEC sections 2-3): the chunked PyTorch path
+against the per-token reference, and the properties every path must have (causality, batching,
+carried state, packed documents, the spec's conventions, input validation)."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels.hope_memory import MemoryParams, MemoryState, hope_memory, l2norm
+
+IMPLS = ("naive", "torch")
+HEADS, D_H, D_M = 2, 8, 12
+
+
+@dataclass(frozen=True)
+class Case:
+    variant: str = "selfmod"
+    depth: int = 2
+    momentum: bool = True
+    selfgen: bool = True
+    stopgrad: bool = True
+    chunk: int = 4
+    proj_mult: int = 2
+    seq: int = 40
+    dtype: torch.dtype = torch.float64
+    given_state: bool = False
+
+
+FACTORS = {
+    "variant": ("selfmod", "titans"),
+    "depth": (1, 2),
+    "momentum": (False, True),
+    "selfgen": (False, True),
+    "stopgrad": (False, True),
+    "chunk": (1, 3, 16, 64),
+    "proj_mult": (1, 4),
+    "seq": (63, 100, 256),
+    "dtype": (torch.float64, torch.float32),
+    "given_state": (False, True),
+}
+
+
+def covering_design(factors: dict) -> list[Case]:
+    """Greedy pairwise covering array: every value of every factor meets every value of every
+    other factor in at least one case (the full product is too slow for CPU CI)."""
+    names = list(factors)
+    rows = list(itertools.product(*factors.values()))
+
+    def pairs(row):
+        return {(i, row[i], j, row[j]) for i, j in itertools.combinations(range(len(names)), 2)}
+
+    uncovered = set().union(*map(pairs, rows))
+    chosen = []
+    while uncovered:
+        best = max(rows, key=lambda row: len(pairs(row) & uncovered))
+        uncovered -= pairs(best)
+        chosen.append(Case(**dict(zip(names, best))))
+    return chosen
+
+
+def make_problem(case: Case, batch: int = 2, seed: int = 0):
+    """Random, well-conditioned inputs: realistic eta (about 0.05-0.3) and alpha (about 0.95-1),
+    so the fast weights neither vanish nor blow up over 256 tokens and errors stay visible."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0, shift=0.0):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).mul(scale).add(shift).to(case.dtype)
+
+    def uniform(low, high, *shape):
+        return (low + (high - low) * torch.rand(*shape, generator=gen, dtype=torch.float64)).to(case.dtype)
+
+    n_mem = 5 if case.variant == "selfmod" else 1
+    d_out = D_M if case.depth == 2 else D_H
+    w2 = randn(n_mem, HEADS, d_out, D_H, scale=D_H ** -0.5)
+    w1 = randn(n_mem, HEADS, D_H, D_M, scale=0.5 * D_M ** -0.5) if case.depth == 2 else None
+    gamma = randn(HEADS, scale=0.5) if case.momentum else None
+    shape = (batch, case.seq, HEADS, D_H)
+    if case.variant == "selfmod":
+        params = MemoryParams(w1, w2, randn(HEADS, D_H, scale=0.3), randn(HEADS, scale=0.3, shift=-2.0),
+                              randn(HEADS, D_H, scale=0.3), randn(HEADS, scale=0.3, shift=5.5), gamma)
+        inputs = {"a": F.silu(randn(*shape))}
+    else:
+        params = MemoryParams(w1, w2, gamma=gamma)
+        inputs = {"k": l2norm(randn(*shape)), "v": l2norm(randn(*shape)),
+                  "eta": uniform(0.05, 0.3, *shape[:3]), "alpha": uniform(0.95, 1.0, *shape[:3])}
+    state = None
+    if case.given_state:
+        noise = lambda x: None if x is None else x.expand(batch, *x.shape) + randn(batch, *x.shape, scale=0.1)
+        moms = [noise(torch.zeros_like(x)) if case.momentum and x is not None else None for x in (w1, w2)]
+        state = MemoryState(noise(w1), noise(w2), *moms)
+    return l2norm(randn(*shape)), params, inputs, state
+
+
+def leaves_of(q, params, inputs, state) -> list[torch.Tensor]:
+    """Every tensor the op is differentiable in (params' weights only when they start the state)."""
+    skip = {"w1", "w2"} if state is not None else set()
+    found = [q, *inputs.values(), *(x for name, x in params._asdict().items() if x is not None and name not in skip)]
+    return found + ([x for x in state if x is not None] if state is not None else [])
+
+
+def differentiate(run, leaves, seed: int = 1):
+    """run() -> (o, final state); returns them detached with the gradients of every leaf under
+    random upstream gradients of o and of the final state (drawn in that order from `seed`)."""
+    for x in leaves:
+        x.requires_grad_(True)
+    o, final = run()
+    gen = torch.Generator().manual_seed(seed)
+    outputs = [o, *(x for x in final if x is not None)]
+    loss = sum((x * torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.dtype)).sum() for x in outputs)
+    grads = torch.autograd.grad(loss, leaves)
+    for x in leaves:
+        x.requires_grad_(False)
+    return o.detach(), MemoryState(*(None if x is None else x.detach() for x in final)), grads
+
+
+def forward_backward(q, params, inputs, state, **kwargs):
+    """One call of the op, differentiated in every leaf."""
+    return differentiate(lambda: hope_memory(q, params, **inputs, initial_state=state, output_final_state=True, **kwargs),
+                         leaves_of(q, params, inputs, state))
+
+
+def assert_rel_close(actual, expected, tol: float, what: str) -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    err = ((actual - expected).norm() / expected.norm()).item()
+    assert err <= tol, f"{what}: relative RMS error {err:.3e} > {tol:.0e}"
+
+
+def assert_same_results(got, want, tol: float, what: str) -> None:
+    (o, state, grads), (o_ref, state_ref, grads_ref) = got, want
+    assert_rel_close(o, o_ref, tol, f"{what} outputs")
+    for name, x, ref in zip(MemoryState._fields, state, state_ref):
+        assert (x is None) == (ref is None), f"{what} final state {name}: one path returned None"
+        if x is not None:
+            assert_rel_close(x, ref, tol, f"{what} final state {name}")
+    assert len(grads) == len(grads_ref)
+    for i, (g, ref) in enumerate(zip(grads, grads_ref)):
+        assert_rel_close(g, ref, tol, f"{what} gradient of leaf {i}")
+
+
+CASES = covering_design(FACTORS)
+
+
+def _case_id(case: Case) -> str:
+    return (f"{case.variant}-d{case.depth}-{'mom' if case.momentum else 'nomom'}-"
+            f"{'selfgen' if case.selfgen else 'v'}-{'sg' if case.stopgrad else 'nosg'}-C{case.chunk}"
+            f"x{case.proj_mult}-T{case.seq}-{str(case.dtype)[6:]}-{'state' if case.given_state else 'fresh'}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_chunked_matches_naive(case: Case):
+    q, params, inputs, state = make_problem(case)
+    kwargs = dict(chunk=case.chunk, proj_chunk=case.chunk * case.proj_mult, selfgen=case.selfgen,
+                  stopgrad_vhat=case.stopgrad)
+    want = forward_backward(q, params, inputs, state, impl="naive", **kwargs)
+    got = forward_backward(q, params, inputs, state, impl="torch", **kwargs)
+    tol = 1e-10 if case.dtype == torch.float64 else 1e-4
+    assert_same_results(got, want, tol, "torch vs naive")
+    if case.depth == 2:  # the memory's own contribution, without the residual q
+        assert_rel_close(got[0] - q, want[0] - q, tol, "torch vs naive reads M(q) - q")
+    assert want[1].w2.norm() > 0.05 * params.w2.norm(), "fast weights vanished: the case hides errors"
+
+
+STRUCTURES = [Case(variant=v, depth=d, momentum=m, selfgen=g, stopgrad=sg, chunk=3, proj_mult=2, seq=37, given_state=True)
+              for v, d, m, g, sg in itertools.product(*(FACTORS[n] for n in ("variant", "depth", "momentum", "selfgen", "stopgrad")))]
+
+
+@pytest.mark.parametrize("case", STRUCTURES, ids=_case_id)
+def test_chunked_matches_naive_every_structure(case: Case):
+    """The full product of the structural flags in float64 (a short sequence with short chunks)."""
+    test_chunked_matches_naive(case)
+
+
+@pytest.mark.parametrize("variant", ["selfmod", "titans"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_causal(impl, variant):
+    case = Case(variant=variant, seq=40, chunk=4, proj_mult=2)
+    q, params, inputs, _ = make_problem(case)
+    o, _ = hope_memory(q, params, **inputs, chunk=4, proj_chunk=8, impl=impl)
+    t = 21  # inside a chunk, so the same chunk holds perturbed and unperturbed tokens
+    gen = torch.Generator().manual_seed(5)
+    bumped = {name: x.clone() for name, x in inputs.items()}
+    for x in [*bumped.values()]:
+        x[:, t + 1:] += torch.rand(x[:, t + 1:].shape, generator=gen, dtype=x.dtype) * 0.05
+    q2 = q.clone()
+    q2[:, t + 1:] = l2norm(torch.randn(q2[:, t + 1:].shape, generator=gen, dtype=q.dtype))
+    o2, _ = hope_memory(q2, params, **bumped, chunk=4, proj_chunk=8, impl=impl)
+    assert torch.equal(o[:, :t + 1], o2[:, :t + 1]), "an output at or before t changed"
+    assert not torch.equal(o[:, t + 1:], o2[:, t + 1:]), "the perturbation had no effect at all"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_batch_equals_sequences(impl):
+    case = Case(seq=30, given_state=True)
+    q, params, inputs, state = make_problem(case, batch=3)
+    kwargs = dict(chunk=4, proj_chunk=8, impl=impl)
+    o, final = hope_memory(q, params, **inputs, initial_state=state, output_final_state=True, **kwargs)
+    for b in range(3):
+        one = slice(b, b + 1)
+        o_b, final_b = hope_memory(q[one], params, **{n: x[one] for n, x in inputs.items()},
+                                   initial_state=MemoryState(*(x[one] for x in state)), output_final_state=True, **kwargs)
+        assert_rel_close(o[one], o_b, 1e-12, f"sequence {b} outputs")
+        for name, x, x_b in zip(MemoryState._fields, final, final_b):
+            assert_rel_close(x[one], x_b, 1e-12, f"sequence {b} final state {name}")
+
+
+@pytest.mark.parametrize("variant", ["selfmod", "titans"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_two_segments_equal_one(impl, variant):
+    case = Case(variant=variant, seq=24 + 13)  # first segment: a multiple of proj_chunk = 8
+    q, params, inputs, _ = make_problem(case)
+    kwargs = dict(chunk=4, proj_chunk=8, impl=impl)
+    whole = forward_backward(q, params, inputs, None, **kwargs)
+
+    def two_segments():
+        o1, mid = hope_memory(q[:, :24], params, **{n: x[:, :24] for n, x in inputs.items()},
+                              output_final_state=True, **kwargs)
+        o2, final = hope_memory(q[:, 24:], params, **{n: x[:, 24:] for n, x in inputs.items()},
+                                initial_state=mid, output_final_state=True, **kwargs)
+        return torch.cat([o1, o2], 1), final
+
+    split = differentiate(two_segments, leaves_of(q, params, inputs, None))
+    assert_same_results(split, whole, 1e-12, "two segments vs one")
+
+
+@pytest.mark.parametrize("given_state", [False, True])
+@pytest.mark.parametrize("variant", ["selfmod", "titans"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_packed_documents_equal_separate(impl, variant, given_state):
+    lengths = (13, 21, 9)
+    case = Case(variant=variant, seq=sum(lengths), given_state=given_state)
+    q, params, inputs, state = make_problem(case, batch=1)
+    if given_state:
+        _, _, _, state = make_problem(case, batch=len(lengths), seed=3)
+    cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)])
+    kwargs = dict(chunk=4, proj_chunk=8, impl=impl)
+    packed = forward_backward(q, params, inputs, state, cu_seqlens=cu_seqlens, **kwargs)
+
+    def one_by_one():
+        outs, finals = [], []
+        for i, (start, end) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
+            doc_state = None if state is None else MemoryState(*(None if x is None else x[i:i + 1] for x in state))
+            o, final = hope_memory(q[:, start:end], params, **{n: x[:, start:end] for n, x in inputs.items()},
+                                   initial_state=doc_state, output_final_state=True, **kwargs)
+            outs.append(o)
+            finals.append(final)
+        return torch.cat(outs, 1), MemoryState(*(None if f[0] is None else torch.cat(f) for f in zip(*finals)))
+
+    separate = differentiate(one_by_one, leaves_of(q, params, inputs, state))
+    assert_same_results(packed, separate, 1e-12, "packed vs separate documents")
+
+
+@pytest.mark.parametrize("variant", ["selfmod", "titans"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_write_keeps_state(impl, variant):
+    """alpha = 1, eta = 0: the weights stay the initial ones and o_t = M_0(q_t)."""
+    case = Case(variant=variant, momentum=False, seq=19)
+    q, params, inputs, _ = make_problem(case)
+    eta_max = 1.0
+    if variant == "titans":
+        inputs["eta"], inputs["alpha"] = torch.zeros_like(inputs["eta"]), torch.ones_like(inputs["alpha"])
+    else:
+        eta_max = 0.0
+        params = params._replace(alpha_b=torch.full_like(params.alpha_b, torch.inf))
+    o, final = hope_memory(q, params, **inputs, output_final_state=True, chunk=4, proj_chunk=8,
+                           eta_max=eta_max, impl=impl)
+    assert torch.equal(final.w2, params.w2.expand_as(final.w2))
+    assert torch.equal(final.w1, params.w1.expand_as(final.w1))
+    w1, w2 = params.w1[-1], params.w2[-1]  # M_o, (H, d_h, d_m) and (H, d_m, d_h)
+    expected = q + torch.einsum("hdm,bthm->bthd", w1, F.silu(torch.einsum("hmd,bthd->bthm", w2, q)))
+    assert_rel_close(o, expected, 1e-13, "o_t = M_0(q_t)")
+
+
+@pytest.mark.parametrize("momentum", [False, True])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_chunk_one_is_sequential_rule(impl, momentum):
+    """chunk = proj_chunk = 1 is the paper's fully sequential rule; written here independently for a
+    linear titans memory: G_t = (W_{t-1} k - v) k^T, S_t = gamma S_{t-1} + G_t,
+    W_t = W_{t-1} (alpha I - eta k k^T) - eta S_t, o_t = W_t q_t."""
+    case = Case(variant="titans", depth=1, momentum=momentum, seq=23)
+    q, params, inputs, _ = make_problem(case, batch=1)
+    o, final = hope_memory(q, params, **inputs, output_final_state=True, chunk=1, proj_chunk=1, impl=impl)
+    k, v, eta, alpha = inputs["k"][0], inputs["v"][0], inputs["eta"][0], inputs["alpha"][0]
+    gamma = torch.sigmoid(params.gamma) if momentum else torch.zeros(HEADS, dtype=q.dtype)
+    for h in range(HEADS):
+        w, s = params.w2[0, h].clone(), torch.zeros(D_H, D_H, dtype=q.dtype)
+        for t in range(case.seq):
+            kt, et, at = k[t, h], eta[t, h], alpha[t, h]
+            s = gamma[h] * s + torch.outer(w @ kt - v[t, h], kt)
+            w = w @ (at * torch.eye(D_H, dtype=q.dtype) - et * torch.outer(kt, kt)) - et * s
+            assert_rel_close(o[0, t, h], w @ q[0, t, h], 1e-12, f"o at t={t}, head {h}")
+        assert_rel_close(final.w2[0, 0, h], w, 1e-12, f"final W, head {h}")
+        if momentum:
+            assert_rel_close(final.s2[0, 0, h], s, 1e-12, f"final momentum, head {h}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_stopgrad_detaches_only_self_generated_targets(impl):
+    case = Case(seq=12)
+    q, params, inputs, _ = make_problem(case)
+    kwargs = dict(chunk=4, proj_chunk=4, impl=impl)
+
+    def grad_w2(**flags):
+        w2 = params.w2.clone().requires_grad_(True)
+        o, _ = hope_memory(q, params._replace(w2=w2), **inputs, **kwargs, **flags)
+        return torch.autograd.grad(o.square().sum(), w2)[0]
+
+    assert not torch.allclose(grad_w2(selfgen=True, stopgrad_vhat=True), grad_w2(selfgen=True, stopgrad_vhat=False))
+    assert torch.equal(grad_w2(selfgen=False, stopgrad_vhat=True), grad_w2(selfgen=False, stopgrad_vhat=False))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_16bit_inputs_compute_in_float32(impl):
+    """bf16 in: the result is the float32 computation on the same values, rounded once; autocast
+    does not reach inside the op."""
+    q, params, inputs, state = make_problem(Case(dtype=torch.bfloat16, seq=20, given_state=True))
+    kwargs = dict(initial_state=state, output_final_state=True, chunk=4, proj_chunk=8, impl=impl)
+    o, final = hope_memory(q, params, **inputs, **kwargs)
+    up = lambda x: None if x is None else x.float()
+    o32, final32 = hope_memory(up(q), MemoryParams(*map(up, params)), **{n: up(x) for n, x in inputs.items()},
+                               **{**kwargs, "initial_state": MemoryState(*map(up, state))})
+    assert o.dtype == final.w2.dtype == torch.bfloat16
+    assert torch.equal(o, o32.bfloat16()) and torch.equal(final.w2, final32.w2.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        o_auto, _ = hope_memory(up(q), MemoryParams(*map(up, params)), **{n: up(x) for n, x in inputs.items()},
+                                **{**kwargs, "initial_state": MemoryState(*map(up, state))})
+    assert torch.equal(o_auto, o32)
+
+
+def _bad_inputs():
+    """(description, mutation of (q, params, kwargs), expected words in the error)."""
+    def titans(q, params, kw):
+        _, p, inputs, _ = make_problem(Case(variant="titans"))
+        return q, p, inputs
+
+    def drop(name):
+        return lambda q, p, kw: (q, p, {n: x for n, x in kw.items() if n != name})
+
+    def put(**new):
+        return lambda q, p, kw: (q, p, {**kw, **new})
+
+    def with_params(**new):
+        return lambda q, p, kw: (q, p._replace(**{n: f(p) for n, f in new.items()}), kw)
+
+    def then(first, second):
+        return lambda q, p, kw: second(*first(q, p, kw))
+
+    b, t = 2, 40
+    return [
+        ("missing a", drop("a"), "a (selfmod"),
+        ("k for selfmod", put(k=torch.zeros(b, t, HEADS, D_H, dtype=torch.float64)), "k must be None"),
+        ("a of wrong d_h", put(a=torch.zeros(b, t, HEADS, D_H + 1, dtype=torch.float64)), "a (selfmod"),
+        ("a in float32", put(a=torch.zeros(b, t, HEADS, D_H)), "must match q"),
+        ("proj_chunk not a multiple", put(proj_chunk=6), "proj_chunk"),
+        ("chunk zero", put(chunk=0), "chunk must be"),
+        ("bad impl", put(impl="cuda"), "impl"),
+        ("negative eta_max", put(eta_max=-1.0), "eta_max"),
+        ("n_mem 3", with_params(w2=lambda p: p.w2[:3], w1=lambda p: p.w1[:3]), "n_mem"),
+        ("w1 of wrong d_m", with_params(w1=lambda p: p.w1[..., :-1]), "params.w1"),
+        ("missing eta_w", with_params(eta_w=lambda p: None), "params.eta_w"),
+        ("gamma per memory", with_params(gamma=lambda p: torch.zeros(5, HEADS, dtype=torch.float64)), "params.gamma"),
+        ("cu_seqlens with B > 1", put(cu_seqlens=torch.tensor([0, 20, 40])), "B = 1"),
+        ("titans without eta", then(titans, drop("eta")), "eta (titans"),
+        ("titans with a", then(titans, put(a=torch.zeros(b, t, HEADS, D_H, dtype=torch.float64))), "a must be None"),
+        ("titans alpha per dim", then(titans, put(alpha=torch.ones(b, t, HEADS, D_H, dtype=torch.float64))), "alpha (titans"),
+        ("state batch", put(initial_state=make_problem(Case(given_state=True), batch=3)[3]), "initial_state.w2"),
+        ("state without momentum", put(initial_state=make_problem(Case(given_state=True))[3]._replace(s1=None)), "initial_state.s1"),
+    ]
+
+
+@pytest.mark.parametrize("mutate,words", [(m, w) for _, m, w in _bad_inputs()], ids=[d for d, _, _ in _bad_inputs()])
+def test_bad_input_is_named(mutate, words):
+    q, params, inputs, _ = make_problem(Case())
+    q, params, kwargs = mutate(q, params, dict(inputs))
+    with pytest.raises((ValueError, TypeError), match=words.replace("(", r"\(")):
+        hope_memory(q, params, **kwargs)
+
+
+def test_packed_input_rejects_bad_offsets():
+    q, params, inputs, _ = make_problem(Case(seq=10), batch=1)
+    for cu in ([0, 4, 4, 10], [0, 4, 9], [1, 10]):
+        with pytest.raises(ValueError, match="cu_seqlens"):
+            hope_memory(q, params, **inputs, cu_seqlens=torch.tensor(cu))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        hope_memory(q, params, **inputs, cu_seqlens=torch.tensor([0.0, 10.0]))

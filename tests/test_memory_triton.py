@@ -1,0 +1,191 @@
+"""The Triton path of the HOPE memory op (kernels/hope_memory/chunk.py) against the per-token
+reference: outputs, final state and the gradient of every input, on CPU under the Triton
+interpreter (float32 kernels vs the float64 reference), and bf16 on a GPU when one is there."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # must precede the first @triton.jit definition
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from kernels.hope_memory import MemoryParams, MemoryState, hope_memory, l2norm  # noqa: E402
+from kernels.hope_memory.chunk import chunk_hope_memory  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_problem(variant="selfmod", depth=2, batch=2, seq=63, heads=2, d_h=16, d_m=None, docs=None,
+                 given_state=False, seed=0):
+    """Float64 inputs in a realistic regime (eta about 0.05-0.3, alpha about 0.95-1) so the fast
+    weights neither vanish nor blow up and every error stays visible. Returns (q, params,
+    inputs, initial_state or None); docs: document lengths packed into one row (batch 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    d_m = d_m or d_h
+    randn = lambda *shape, scale=1.0, shift=0.0: torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + shift
+    uniform = lambda low, high, *shape: low + (high - low) * torch.rand(*shape, generator=gen, dtype=torch.float64)
+    n_mem = 5 if variant == "selfmod" else 1
+    w2 = randn(n_mem, heads, d_m if depth == 2 else d_h, d_h, scale=d_h ** -0.5)
+    w1 = randn(n_mem, heads, d_h, d_m, scale=0.5 * d_m ** -0.5) if depth == 2 else None
+    shape = (batch, seq, heads, d_h)
+    if variant == "selfmod":
+        params = MemoryParams(w1, w2, randn(heads, d_h, scale=0.3), randn(heads, scale=0.3, shift=-2.0),
+                              randn(heads, d_h, scale=0.3), randn(heads, scale=0.3, shift=4.0))
+        inputs = {"a": torch.nn.functional.silu(randn(*shape))}
+    else:
+        params = MemoryParams(w1, w2)
+        inputs = {"k": l2norm(randn(*shape)), "v": l2norm(randn(*shape)),
+                  "eta": uniform(0.05, 0.3, *shape[:3]), "alpha": uniform(0.95, 1.0, *shape[:3])}
+    n_seq = batch if docs is None else len(docs)
+    state = None
+    if given_state:
+        noisy = lambda x: None if x is None else x.expand(n_seq, *x.shape) + randn(n_seq, *x.shape, scale=0.1)
+        state = MemoryState(noisy(w1), noisy(w2))
+    return l2norm(randn(*shape)), params, inputs, state
+
+
+def cast(x, dtype):
+    if isinstance(x, MemoryParams | MemoryState):
+        return type(x)(*(cast(t, dtype) for t in x))
+    return None if x is None else x.to(DEVICE, dtype)
+
+
+def forward_backward(impl, dtype, q, params, inputs, state, seed=1, **kwargs):
+    """Outputs, final state and {leaf name: gradient} under random upstream gradients of o and
+    of the final state. Computed in `dtype` on DEVICE from the float64 problem."""
+    q, params, state = cast(q, dtype), cast(params, dtype), cast(state, dtype)
+    inputs = {n: cast(x, dtype) for n, x in inputs.items()}
+    leaves = {"q": q, **inputs}
+    leaves.update({f"params.{n}": x for n, x in params._asdict().items() if x is not None})
+    if state is not None:
+        leaves.update({f"state.{n}": x for n, x in state._asdict().items() if x is not None})
+        leaves = {n: x for n, x in leaves.items() if n not in ("params.w1", "params.w2")}
+    for x in leaves.values():
+        x.requires_grad_(True)
+    fn = chunk_hope_memory if impl == "triton" else lambda *a, **k: hope_memory(*a, **k, impl=impl)
+    o, final = fn(q, params, **inputs, initial_state=state, output_final_state=True, **kwargs)
+    gen = torch.Generator().manual_seed(seed)
+    outs = [o] + [x for x in final if x is not None]
+    upstream = [torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x) for x in outs]
+    grads = torch.autograd.grad(outs, list(leaves.values()), upstream)
+    return o.detach(), MemoryState(*(None if x is None else x.detach() for x in final)), dict(zip(leaves, grads))
+
+
+def rel_rms(actual, expected) -> float:
+    return ((actual.double().cpu() - expected.double().cpu()).norm() / expected.double().cpu().norm()).item()
+
+
+def assert_matches(got, want, tol_out, tol_grad):
+    (o, state, grads), (o_ref, state_ref, grads_ref) = got, want
+    errors = {"o": rel_rms(o, o_ref)}
+    for name, x, ref in zip(MemoryState._fields, state, state_ref):
+        assert (x is None) == (ref is None), f"final state {name}: one path returned None"
+        if x is not None:
+            errors[f"final.{name}"] = rel_rms(x, ref)
+    assert grads.keys() == grads_ref.keys()
+    bad = [f"{n}: {e:.2e}" for n, e in errors.items() if not e <= tol_out]
+    for name, g in grads.items():
+        err = rel_rms(g, grads_ref[name])
+        if not err <= tol_grad:
+            bad.append(f"grad {name}: {err:.2e}")
+    assert not bad, "relative RMS errors over tolerance: " + ", ".join(bad)
+
+
+CASES = {  # name: (make_problem kwargs, op kwargs); small enough for the CPU interpreter
+    "selfmod-T63-d16-C16x2": (dict(batch=1), dict(chunk=16, proj_chunk=32)),
+    "selfmod-T100-d32-dm16-C32x2": (dict(batch=1, seq=100, heads=1, d_h=32, d_m=16), dict(chunk=32, proj_chunk=64)),
+    "selfmod-depth1-T63-C8x2-v": (dict(depth=1, batch=1, heads=1), dict(chunk=8, proj_chunk=16, selfgen=False)),
+    "selfmod-packed3-nosg-state": (dict(batch=1, seq=99, heads=1, docs=(21, 37, 41), given_state=True),
+                                   dict(chunk=16, proj_chunk=16, stopgrad_vhat=False)),
+    "titans-T100-C16-state": (dict(variant="titans", seq=100, given_state=True), dict(chunk=16)),
+    "titans-depth1-T63-C5x3": (dict(variant="titans", depth=1, heads=1), dict(chunk=5, proj_chunk=15)),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_matches_reference(name):
+    """float32 kernels == float64 naive reference, rel RMS <= 1e-4 (HOPE_SPEC section 3)."""
+    problem, op = CASES[name]
+    docs = problem.get("docs")
+    if docs is not None:
+        op = dict(op, cu_seqlens=torch.tensor([0, *torch.tensor(docs).cumsum(0).tolist()], device=DEVICE))
+    q, params, inputs, state = make_problem(**problem)
+    got = forward_backward("triton", torch.float32, q, params, inputs, state, **op)
+    want = forward_backward("naive", torch.float64, q, params, inputs, state, **op)
+    assert_matches(got, want, 1e-4, 1e-4)
+
+
+@pytest.mark.parametrize("chunk,proj_chunk", [(1, 2), (3, 9), (16, 16), (32, 64)])
+def test_chunk_lengths_forward(chunk, proj_chunk):
+    """Outputs and final state for chunk lengths below, at and above the 16-row tile."""
+    q, params, inputs, _ = make_problem(batch=1, seq=63, heads=1)
+    kw = dict(output_final_state=True, chunk=chunk, proj_chunk=proj_chunk)
+    o, final = chunk_hope_memory(cast(q, torch.float32), cast(params, torch.float32),
+                                 **{n: cast(x, torch.float32) for n, x in inputs.items()}, **kw)
+    o_ref, final_ref = hope_memory(q, params, **inputs, **kw, impl="naive")
+    assert rel_rms(o, o_ref) <= 1e-4
+    assert rel_rms(final.w1, final_ref.w1) <= 1e-4 and rel_rms(final.w2, final_ref.w2) <= 1e-4
+
+
+def test_two_segments_equal_one():
+    """Carrying the final state into a second call equals one long call (first segment a
+    multiple of proj_chunk), and the public dispatch reaches the same kernels."""
+    q, params, inputs, _ = make_problem(batch=1, seq=48, heads=1)
+    q, params = cast(q, torch.float32), cast(params, torch.float32)
+    inputs = {n: cast(x, torch.float32) for n, x in inputs.items()}
+    kw = dict(output_final_state=True, chunk=8, proj_chunk=16, impl="triton")
+    o, final = hope_memory(q, params, **inputs, **kw)
+    first = {n: x[:, :32] for n, x in inputs.items()}
+    second = {n: x[:, 32:] for n, x in inputs.items()}
+    o1, mid = hope_memory(q[:, :32], params, **first, **kw)
+    o2, end = hope_memory(q[:, 32:], params, **second, initial_state=mid, **kw)
+    assert rel_rms(torch.cat([o1, o2], 1), o) <= 1e-6
+    assert rel_rms(end.w2, final.w2) <= 1e-6 and rel_rms(end.w1, final.w1) <= 1e-6
+
+
+def test_16bit_inputs():
+    """bf16 inputs: float32 state and math inside, o and gradients in bf16 (CPU: the kernels
+    upcast before every dot, which the interpreter needs)."""
+    q, params, inputs, _ = make_problem(batch=1, seq=40, heads=1)
+    rounded = lambda x: cast(cast(x, torch.bfloat16), torch.float64)
+    q, params = rounded(q), cast(cast(params, torch.bfloat16), torch.float64)
+    inputs = {n: rounded(x) for n, x in inputs.items()}
+    got = forward_backward("triton", torch.bfloat16, q, params, inputs, None, chunk=8, proj_chunk=16)
+    want = forward_backward("naive", torch.float64, q, params, inputs, None, chunk=8, proj_chunk=16)
+    assert got[0].dtype == torch.bfloat16 and got[1].w2.dtype == torch.float32
+    assert all(g.dtype == torch.bfloat16 for g in got[2].values())
+    assert_matches(got, want, 5e-3, 1e-2)
+
+
+@pytest.mark.parametrize("mutate,error,words", [
+    (lambda p: p.update(q=p["q"][..., :12]), ValueError, "power of two"),
+    (lambda p: p.update(proj_chunk=24), ValueError, "multiple of chunk"),
+    (lambda p: p.update(a=p["a"][:, :10]), ValueError, "`a` has shape"),
+    (lambda p: p.update(params=p["params"]._replace(gamma=torch.zeros(2))), NotImplementedError, 'impl="torch"'),
+    (lambda p: p.update(cu_seqlens=torch.tensor([0, 10, 63])), ValueError, "batch must be 1"),
+])
+def test_bad_input_is_named(mutate, error, words):
+    q, params, inputs, _ = make_problem()
+    problem = dict(q=q.float(), params=cast(params, torch.float32), a=inputs["a"].float(), chunk=16, proj_chunk=32)
+    mutate(problem)
+    with pytest.raises(error, match=words):
+        chunk_hope_memory(problem.pop("q"), problem.pop("params"), **problem)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("variant", ["selfmod", "titans"])
+def test_bf16_on_gpu_matches_float32_reference(variant):
+    """bf16 kernels vs the float32 reference: outputs <= 5e-3, gradients <= 1e-2 rel RMS. The
+    caching allocator is filled with NaN first, so an element the kernels never write shows."""
+    q, params, inputs, _ = make_problem(variant=variant, batch=2, seq=300, heads=4, d_h=64)
+    poison = torch.full((64 << 20,), float("nan"), device=DEVICE)
+    del poison
+    kw = dict(chunk=64, proj_chunk=128)
+    got = forward_backward("triton", torch.bfloat16, q, params, inputs, None, **kw)
+    want = forward_backward("naive", torch.float32, q, params, inputs, None, **kw)
+    assert torch.isfinite(got[0]).all() and all(torch.isfinite(g).all() for g in got[2].values())
+    assert_matches(got, want, 5e-3, 1e-2)

@@ -1,0 +1,174 @@
+"""Checkpoint conversion, one process, no GPU needed.
+
+    python -m tools.convert consolidate CKPT OUT.safetensors [--dtype fp32|bf16]
+    python -m tools.convert reshard     CKPT OUT_STEP_DIR [--dp-replicate N] [--dp-shard N] [--tp N] [--pp N]
+    python -m tools.convert export-hf   CKPT OUT_DIR [--dtype fp32|bf16] [--tokenizer tokenizer.json] [--max-shard-size 5GB]
+    python -m tools.convert import-hf   HF_DIR OUT_STEP_DIR [--base CKPT]
+
+CKPT is a committed step-N folder (it is verified first: marker, every shard, checksums).
+reshard writes the same training state for another (dp, tp, pp) layout: model and optimizer are
+stored layout-free by DCP; the CMS clocks' pending window sums are re-split over the new
+data-parallel ranks (their total is kept, see hope_dist.checkpoint.clock_for_dp_rank) and the
+RNG streams of ranks that no longer exist are dropped. import-hf writes a training checkpoint
+from an exported folder: with --base, the base checkpoint's full training state with the
+imported weights; without, the weights alone (training from it starts at step 0).
+Resume from the output with --checkpoint.resume=OUT_STEP_DIR.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from hope_dist.checkpoint import (CheckpointError, clock_for_dp_rank, model_config_diff, read_flat, read_meta,
+                                  read_model, verify, write_offline)
+from hope_dist.config import ConfigError, JobConfig, from_dict
+from hope_dist.pretrained import PretrainedError, read_config, read_weights, save_pretrained
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_CLOCK = re.compile(r"^clock\.dp(\d+)\.(acc|window_tokens)\.(.+)$")
+_RNG = re.compile(r"^rng\.rank(\d+)\.")
+
+
+def checked(path: str) -> tuple[Path, dict]:
+    """A committed, intact checkpoint and its meta; otherwise an error listing every problem."""
+    path = Path(path)
+    problems = verify(path)
+    if problems:
+        raise CheckpointError(f"{path} cannot be converted:\n  " + "\n  ".join(problems))
+    return path, read_meta(path)
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMG]?)B?", text.strip().upper())
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 500MB or 5GB")
+    return int(float(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2)])
+
+
+# ------------------------------------------------------------------ commands
+def consolidate(ckpt: str, out: str, dtype: str = "fp32") -> Path:
+    """Model weights of a sharded checkpoint -> one safetensors file."""
+    from safetensors.torch import save_file
+
+    path, meta = checked(ckpt)
+    weights = {k: v.to(DTYPES[dtype]).contiguous() for k, v in read_model(path).items()}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    save_file(weights, out, metadata={"format": "pt", "step": str(meta["step"]), "source": str(path)})
+    return Path(out)
+
+
+def reshard(ckpt: str, out: str, dp_replicate: int | None = None, dp_shard: int | None = None,
+            tp: int | None = None, pp: int | None = None) -> Path:
+    """The training state of `ckpt` laid out for new parallel sizes (None keeps the saved one)."""
+    path, meta = checked(ckpt)
+    cfg = from_dict(JobConfig, meta["config"])
+    p = cfg.parallel
+    for key, value in (("dp_replicate", dp_replicate), ("dp_shard", dp_shard), ("tp", tp), ("pp", pp)):
+        if value is not None:
+            setattr(p, key, value)
+    cfg.validate()
+    new_dp, new_world = p.dp_replicate * p.dp_shard, p.dp_replicate * p.dp_shard * p.tp * p.pp
+    flat = read_flat(path)
+    saved: dict[int, dict] = {}
+    for key in [k for k in flat if _CLOCK.match(k)]:
+        r, kind, name = _CLOCK.match(key).groups()
+        saved.setdefault(int(r), {"acc": {}, "window_tokens": {}})[kind][name] = flat.pop(key)
+    for key in [k for k in flat if _RNG.match(k) and int(_RNG.match(k).group(1)) >= new_world]:
+        del flat[key]
+    states = [saved[r] for r in sorted(saved)]
+    for r in range(new_dp):
+        state = states[r] if len(states) == new_dp else clock_for_dp_rank(states, r)
+        for kind in ("acc", "window_tokens"):
+            flat.update({f"clock.dp{r}.{kind}.{name}": v for name, v in state[kind].items()})
+    meta = {**meta, "layout": {"dp": new_dp, "tp": p.tp, "pp": p.pp}, "world_size": new_world,
+            "config": cfg.to_dict(), "resharded_from": {"path": str(path), "layout": meta["layout"]}}
+    return write_offline(Path(out), flat, meta)
+
+
+def export_hf(ckpt: str, out: str, dtype: str = "fp32", tokenizer: str | None = None,
+              max_shard_bytes: int | None = None) -> Path:
+    """A checkpoint's model as an exported folder (config.json, safetensors, tokenizer files)."""
+    path, meta = checked(ckpt)
+    tokenizer = tokenizer or meta["config"].get("data", {}).get("tokenizer")
+    if tokenizer is not None and not str(tokenizer).endswith(".json"):
+        print(f"note: {tokenizer} is not a tokenizer.json; the folder gets no tokenizer", file=sys.stderr)
+        tokenizer = None
+    if tokenizer is not None and not Path(tokenizer).is_file():
+        raise FileNotFoundError(f"tokenizer {tokenizer} does not exist; pass --tokenizer PATH/tokenizer.json")
+    model_cfg = from_dict(JobConfig, meta["config"]).model
+    return save_pretrained(Path(out), read_model(path), model_cfg, dtype=DTYPES[dtype], tokenizer=tokenizer,
+                           max_shard_bytes=max_shard_bytes,
+                           source={"checkpoint": str(path), "step": meta["step"], "git_commit": meta.get("git_commit")})
+
+
+def import_hf(folder: str, out: str, base: str | None = None) -> Path:
+    """An exported folder -> a training checkpoint (weights only, or into `base`'s full state)."""
+    model_cfg = read_config(Path(folder))
+    weights = {k: v.float() for k, v in read_weights(Path(folder)).items()}
+    model_dict = dataclasses.asdict(model_cfg)
+    if base is None:
+        meta = {"step": 0, "tokens_seen": 0, "layout": {"dp": 1, "tp": 1, "pp": 1}, "world_size": 1,
+                "config": {"model": model_dict}, "imported_from": str(folder)}
+        return write_offline(Path(out), {f"model.{k}": v for k, v in weights.items()}, meta)
+    path, meta = checked(base)
+    diff = model_config_diff(meta["config"]["model"], model_dict)
+    if diff:
+        raise CheckpointError(f"{Path(folder) / 'config.json'} does not match the model of {path}:\n  "
+                              + "\n  ".join(diff))
+    flat = read_flat(path)
+    stored = {k[len("model."):] for k in flat if k.startswith("model.")}
+    if stored != set(weights):
+        raise PretrainedError(f"{folder}: tensors differ from {path}'s model: "
+                              f"{sorted(stored ^ set(weights))[:5]}")
+    flat.update({f"model.{k}": v.to(flat[f"model.{k}"].dtype) for k, v in weights.items()})
+    return write_offline(Path(out), flat, {**meta, "imported_from": str(folder)})
+
+
+# ------------------------------------------------------------------ command line
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("consolidate", help="sharded checkpoint -> one safetensors file (model only)")
+    c.add_argument("ckpt")
+    c.add_argument("out")
+    c.add_argument("--dtype", choices=DTYPES, default="fp32")
+    r = sub.add_parser("reshard", help="training checkpoint -> another (dp, tp, pp) layout")
+    r.add_argument("ckpt")
+    r.add_argument("out")
+    for name in ("dp-replicate", "dp-shard", "tp", "pp"):
+        r.add_argument(f"--{name}", type=int, default=None)
+    e = sub.add_parser("export-hf", help="checkpoint -> Hugging Face-style folder")
+    e.add_argument("ckpt")
+    e.add_argument("out")
+    e.add_argument("--dtype", choices=DTYPES, default="fp32")
+    e.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the run's data.tokenizer)")
+    e.add_argument("--max-shard-size", type=parse_size, default=None, help="e.g. 5GB; default: one file")
+    i = sub.add_parser("import-hf", help="Hugging Face-style folder -> training checkpoint")
+    i.add_argument("folder")
+    i.add_argument("out")
+    i.add_argument("--base", default=None, help="a checkpoint whose training state to keep")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "consolidate":
+            out = consolidate(args.ckpt, args.out, args.dtype)
+        elif args.command == "reshard":
+            out = reshard(args.ckpt, args.out, args.dp_replicate, args.dp_shard, args.tp, args.pp)
+        elif args.command == "export-hf":
+            out = export_hf(args.ckpt, args.out, args.dtype, args.tokenizer, args.max_shard_size)
+        else:
+            out = import_hf(args.folder, args.out, args.base)
+    except (CheckpointError, PretrainedError, ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
