@@ -1,0 +1,107 @@
+"""The trainer's batches: a never-ending, seeded, blended stream of packed samples.
+
+The global stream is fixed by the datasets, weights, ``seq_len`` and ``seed`` alone. Global step
+``s`` takes samples ``[s*gb, (s+1)*gb)`` of it and data-parallel rank ``r`` the contiguous slice
+``[r*gb/dp, (r+1)*gb/dp)``, so ranks see disjoint samples whose union is the dp=1 batch, and the
+only resume state is the number of global samples consumed, whatever the dp size was.
+"""
+
+import logging
+import os
+
+import numpy as np
+import torch
+
+from hope_dist.data.blend import BlendSchedule
+from hope_dist.data.samples import DatasetSamples
+from hope_dist.data.token_file import TokenFile
+from hope_dist.data.tokenizer_info import EOD_TOKEN, tokenizer_info
+
+logger = logging.getLogger("hope_dist.data")
+
+
+class TrainStream:
+    """This rank's share of each global batch; ``consumed_samples`` counts global samples."""
+
+    def __init__(self, datasets: list[DatasetSamples], weights: list[float], *, seq_len: int,
+                 global_batch: int, dp_rank: int, dp_size: int, seed: int, eod_id: int,
+                 vocab_size: int):
+        self.datasets, self.weights = datasets, weights
+        self.seq_len, self.global_batch, self.seed = seq_len, global_batch, seed
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.eod_id, self.vocab_size = eod_id, vocab_size
+        self.consumed_samples = 0
+        self.schedule = BlendSchedule(weights, seed, [d.data.prefix for d in datasets]) \
+            if len(datasets) > 1 else None
+
+    def sample(self, j: int) -> np.ndarray:
+        """Global sample ``j``: ``seq_len + 1`` tokens."""
+        if self.schedule is None:
+            return self.datasets[0][j]
+        k, i = self.schedule.locate(j)
+        return self.datasets[k][i]
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        local = self.global_batch // self.dp_size
+        first = self.consumed_samples + self.dp_rank * local
+        batch = torch.from_numpy(np.stack([self.sample(j) for j in range(first, first + local)]))
+        self.consumed_samples += self.global_batch
+        return {"tokens": batch[:, :-1].contiguous(), "labels": batch[:, 1:].contiguous()}
+
+    def _identity(self) -> dict:
+        return {"paths": [d.data.prefix for d in self.datasets], "weights": list(self.weights),
+                "seq_len": self.seq_len, "seed": self.seed}
+
+    def state_dict(self) -> dict:
+        return {"consumed_samples": self.consumed_samples, **self._identity()}
+
+    def load_state_dict(self, d: dict) -> None:
+        changed = {k: (d[k], v) for k, v in self._identity().items() if k in d and d[k] != v}
+        if changed:
+            logger.warning("data: resuming with changed %s (saved, now); the sample order is "
+                           "not a continuation of the saved run", changed)
+        self.consumed_samples = int(d["consumed_samples"])
+
+
+def build_train_stream(paths: list[str], weights: list[float] | None, *, seq_len: int,
+                       global_batch: int, dp_rank: int, dp_size: int, seed: int,
+                       eod_id: int | None = None, tokenizer: str | None = None) -> TrainStream:
+    """Open the datasets and check every argument; errors say which one and how to fix it."""
+    if isinstance(paths, (str, os.PathLike)) or not paths:
+        raise ValueError(f"data paths must be a non-empty list of dataset prefixes, got {paths!r}")
+    if weights is not None:
+        if len(weights) != len(paths):
+            raise ValueError(f"{len(weights)} data weights for {len(paths)} data paths {paths}; "
+                             "give one weight per path (or none)")
+        if any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"data weights {weights} must be >= 0 with a positive sum")
+    if seq_len < 1 or global_batch < 1:
+        raise ValueError(f"seq_len ({seq_len}) and global_batch ({global_batch}) must be positive")
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank {dp_rank} is outside [0, dp_size={dp_size})")
+    if global_batch % dp_size:
+        raise ValueError(f"global_batch {global_batch} is not divisible by the data-parallel size "
+                         f"{dp_size}; choose a global batch that is a multiple of {dp_size}")
+    files = [TokenFile(p) for p in paths]
+    if weights is None:  # plain concatenation: each dataset in proportion to its size
+        weights = [float(f.num_tokens) for f in files]
+    datasets = [DatasetSamples(f, seq_len, seed, k) for k, f in enumerate(files)]
+
+    vocab_size, tok_eod = tokenizer_info(tokenizer) if tokenizer else (None, None)
+    if vocab_size is None:
+        vocab_size = max(f.max_token_id() for f in files) + 1
+    if eod_id is None:
+        eod_id = tok_eod
+    if eod_id is None:
+        raise ValueError(f"no end-of-document id: pass eod_id or a tokenizer that defines "
+                         f"{EOD_TOKEN!r} (got tokenizer={tokenizer!r})")
+    if not 0 <= eod_id < vocab_size:
+        raise ValueError(f"eod_id {eod_id} is outside the vocabulary [0, {vocab_size})")
+    total = sum(weights)
+    for d, w in zip(datasets, weights):
+        logger.info("data: %s: %d documents, %d tokens, %d samples of %d tokens per epoch, "
+                    "weight %.3f", d.data.prefix, d.data.num_documents, d.data.num_tokens,
+                    d.per_epoch, seq_len + 1, w / total)
+    return TrainStream(datasets, weights, seq_len=seq_len, global_batch=global_batch,
+                       dp_rank=dp_rank, dp_size=dp_size, seed=seed, eod_id=eod_id,
+                       vocab_size=vocab_size)
