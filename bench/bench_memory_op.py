@@ -35,13 +35,14 @@ def time_impl(impl: str, args, inputs) -> float:
     """Median seconds of one forward+backward over args.repeats runs after args.warmup."""
     q, a, params, leaves = inputs
     d_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=q.dtype)
+    clock = time.process_time if args.cpu_time else time.perf_counter
     times = []
     for i in range(args.warmup + args.repeats):
-        start = time.perf_counter()
+        start = clock()
         o, _ = hope_memory(q, params, a=a, chunk=args.chunk, proj_chunk=args.proj_chunk, impl=impl)
         torch.autograd.grad((o * d_out).sum(), leaves)
         if i >= args.warmup:
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
     return statistics.median(times)
 
 
@@ -57,6 +58,9 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--momentum", action="store_true", help="Titans momentum on")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time with the process's CPU seconds (all threads) instead of wall clock: "
+                             "steadier on a shared machine")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
@@ -64,8 +68,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     inputs = make_inputs(args, getattr(torch, args.dtype))
     chunked, naive = time_impl("torch", args, inputs), time_impl("naive", args, inputs)
-    print("| B | T | H | d_h | d_m | chunk | proj_chunk | dtype | momentum | threads | naive fwd+bwd (s) | chunked fwd+bwd (s) | speed-up |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    unit = "CPU s" if args.cpu_time else "s"
+    columns = ["B", "T", "H", "d_h", "d_m", "chunk", "proj_chunk", "dtype", "momentum", "threads",
+               f"naive fwd+bwd ({unit})", f"chunked fwd+bwd ({unit})", "speed-up"]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
     print(f"| {args.batch} | {args.seq} | {args.heads} | {args.d_h} | {args.d_m or args.d_h} | {args.chunk} | "
           f"{args.proj_chunk} | {args.dtype} | {args.momentum} | {torch.get_num_threads()} | {naive:.3f} | "
           f"{chunked:.3f} | {naive / chunked:.1f}x |")

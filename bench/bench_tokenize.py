@@ -18,6 +18,7 @@ import filecmp
 import json
 import multiprocessing as mp
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -62,11 +63,22 @@ def megatron_style(corpus: str, tokenizer: str, prefix: str, workers: int) -> tu
     return docs, tokens
 
 
-def run(cmd: list[str]) -> float:
-    t = time.perf_counter()
+def cpu_seconds() -> float:
+    """CPU time of this process plus its finished children: honest on a shared machine."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of fn()."""
+    t, c = time.perf_counter(), cpu_seconds()
+    fn()
+    return time.perf_counter() - t, cpu_seconds() - c
+
+
+def run(cmd: list[str]) -> None:
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                    env={**os.environ, "PYTHONPATH": REPO, "TOKENIZERS_PARALLELISM": "false"})
-    return time.perf_counter() - t
 
 
 def engine_ceiling(corpus: str, tokenizer: str, mb: float) -> dict:
@@ -86,10 +98,10 @@ def engine_ceiling(corpus: str, tokenizer: str, mb: float) -> dict:
     for name, fn in [("tokenizers", fast.reference.encode_batch),
                      ("tiktoken raw", lambda b: [fast.enc.encode_ordinary(t) for t in b]),
                      ("tiktoken verified", fast.encode_batch)]:
-        t = time.perf_counter()
-        n = sum(len(ids) for i in range(0, len(texts), 64) for ids in fn(texts[i:i + 64]))
-        dt = time.perf_counter() - t
-        out[name] = {"MB/s": size / dt / 1e6, "tokens/s": n / dt}
+        n = []
+        _, cpu = timed(lambda: n.extend(len(ids) for i in range(0, len(texts), 64)
+                                        for ids in fn(texts[i:i + 64])))
+        out[name] = {"MB/s": size / cpu / 1e6, "tokens/s": sum(n) / cpu}
     return out
 
 
@@ -113,42 +125,44 @@ def main() -> int:
     mb = os.path.getsize(corpus) / 1e6
     print(f"corpus {corpus}: {mb:.1f} MB of JSONL; tokenizer {tok} ({args.vocab_size} BPE)\n")
     ceiling = engine_ceiling(corpus, tok, args.ceiling_mb)
-    print(f"raw engines, 1 thread, first {args.ceiling_mb:g} MB:")
+    print(f"raw engines, 1 thread, first {args.ceiling_mb:g} MB, per CPU-second:")
     for name, r in ceiling.items():
         print(f"  {name:18s} {r['MB/s']:6.2f} MB/s  {r['tokens/s']:>12,.0f} tokens/s")
 
     import megatron.core.datasets.indexed_dataset  # noqa: F401  (import time is not throughput)
 
-    results, outputs = [], {}
-    for workers in (1, 2):
-        prefix = os.path.join(w, f"megatron_w{workers}")
-        t = time.perf_counter()
-        docs, tokens = megatron_style(corpus, tok, prefix, workers)
-        results.append(("megatron-style", workers, time.perf_counter() - t))
-        outputs[prefix] = tokens
-        for engine in ("tokenizers", "auto"):
-            prefix = os.path.join(w, f"{engine}_w{workers}")
+    print("| pipeline | workers | wall s | MB/s | tokens/s | vs megatron-style | CPU s "
+          "| tokens per CPU-s | vs megatron-style (CPU) | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    base, first, walls = {}, None, {}
+    pipelines = [("megatron-style", None), ("data_prep.tokenize --engine auto", "auto"),
+                 ("data_prep.tokenize --engine tokenizers", "tokenizers")]
+    for name, engine in pipelines:
+        for workers in (1, 2):
+            prefix = os.path.join(w, f"{engine or 'megatron'}_w{workers}")
             for suffix in (".bin", ".idx", ".done"):
                 if os.path.exists(prefix + suffix):
                     os.remove(prefix + suffix)
-            dt = run([py, "-m", "data_prep.tokenize", "--input", corpus, "--tokenizer", tok,
-                      "--output-prefix", prefix, "--workers", str(workers), "--engine", engine])
-            results.append((f"data_prep.tokenize --engine {engine}", workers, dt))
-            outputs[prefix] = tokens
-    first = next(iter(outputs))
-    for prefix in outputs:
-        for suffix in (".bin", ".idx"):
-            assert filecmp.cmp(first + suffix, prefix + suffix, shallow=False), f"{prefix}{suffix} differs"
-    print(f"\nall {len(outputs)} outputs byte-identical: {docs:,} documents, {tokens:,} tokens\n")
-    base = {wk: dt for name, wk, dt in results if name == "megatron-style"}
-    print("| pipeline | workers | seconds | MB/s | tokens/s | tokens/s per core | vs megatron-style |")
-    print("|---|---|---|---|---|---|---|")
-    for name, workers, dt in results:
-        print(f"| {name} | {workers} | {dt:.1f} | {mb / dt:.2f} | {tokens / dt:,.0f} | "
-              f"{tokens / dt / workers:,.0f} | {base[workers] / dt:.2f}x |")
-    for name in dict.fromkeys(n for n, _, _ in results):
-        one, two = (dt for n, _, dt in results if n == name)
-        print(f"scaling 1 -> 2 workers, {name}: {one / two:.2f}x")
+            if engine is None:
+                counts = []
+                wall, cpu = timed(lambda: counts.extend(megatron_style(corpus, tok, prefix, workers)))
+                docs, tokens = counts
+                base[workers] = (wall, cpu)
+            else:
+                wall, cpu = timed(lambda: run([
+                    py, "-m", "data_prep.tokenize", "--input", corpus, "--tokenizer", tok,
+                    "--output-prefix", prefix, "--workers", str(workers), "--engine", engine]))
+            first = first or prefix
+            for suffix in (".bin", ".idx"):  # every pipeline writes the very same bytes
+                assert filecmp.cmp(first + suffix, prefix + suffix, shallow=False), prefix + suffix
+            walls[name, workers] = wall
+            print(f"| {name} | {workers} | {wall:.1f} | {mb / wall:.2f} | {tokens / wall:,.0f} | "
+                  f"{base[workers][0] / wall:.2f}x | {cpu:.1f} | {tokens / cpu:,.0f} | "
+                  f"{base[workers][1] / cpu:.2f}x | {os.getloadavg()[0]:.1f} |", flush=True)
+    print(f"\nall outputs byte-identical: {docs:,} documents, {tokens:,} tokens")
+    for name, _ in pipelines:
+        print(f"scaling 1 -> 2 workers (wall), {name}: "
+              f"{walls[name, 1] / walls[name, 2]:.2f}x")
     return 0
 
 

@@ -17,6 +17,7 @@ import os
 EOD_TOKEN = "<|endoftext|>"
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 ENGINES = ("auto", "tiktoken", "tokenizers")
+MAX_CACHED_WORDS = 4_000_000  # verified words kept per worker; past that the cache restarts
 
 
 class TokenizerError(ValueError):
@@ -142,15 +143,19 @@ class TiktokenEncoder:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         out = [self.enc.encode_ordinary(t) for t in texts]
-        words = [set(self.words.findall(t)) for t in texts]
-        unseen = list(set().union(*words) - self.same - self.differ)
+        words: set[str] = set()
+        for t in texts:
+            words.update(self.words.findall(t))
+        unseen = list(words - self.same - self.differ)
+        if len(self.same) > MAX_CACHED_WORDS:
+            self.same.clear()  # bounded memory; forgotten words are simply checked again
         if unseen:
             for word, ref in zip(unseen, self.reference.encode_batch(unseen)):
                 (self.same if self.enc.encode_ordinary(word) == ref else self.differ).add(word)
-        if self.differ:
-            for i, ws in enumerate(words):
-                if not ws.isdisjoint(self.differ):
-                    out[i] = self.reference.encode_batch([texts[i]])[0]
+        if not words.isdisjoint(self.differ):
+            for i, t in enumerate(texts):
+                if not self.differ.isdisjoint(self.words.findall(t)):
+                    out[i] = self.reference.encode_batch([t])[0]
                     self.fallback_documents += 1
         return out
 

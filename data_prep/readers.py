@@ -1,7 +1,8 @@
 """Input discovery, the shard plan, and reading documents out of one shard.
 
 Inputs are files or folders of ``.jsonl``, ``.jsonl.gz``, ``.jsonl.zst``, ``.parquet``, ``.txt``
-(one file = one document), or a Hugging Face ``datasets`` folder saved with ``save_to_disk``.
+(one file = one document), Hugging Face ``datasets`` folders saved with ``save_to_disk``, or the
+``.arrow`` files such folders (and the datasets cache) hold.
 The plan cuts them into *pieces* (a byte range of a ``.jsonl``, a whole compressed file or
 ``.txt``, a parquet row group, a row range of a dataset) and groups consecutive pieces into
 shards of about ``shard_bytes``. The plan depends on the inputs and the shard size only, never on
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
-SUFFIXES = JSONL_SUFFIXES + (".parquet", ".txt")
+SUFFIXES = JSONL_SUFFIXES + (".parquet", ".txt", ".arrow")
 
 
 class InputError(ValueError):
@@ -26,14 +27,14 @@ class InputError(ValueError):
 @dataclass(frozen=True)
 class Piece:
     path: str
-    kind: str     # jsonl | jsonl.gz | jsonl.zst | parquet | txt | hf
+    kind: str     # jsonl | jsonl.gz | jsonl.zst | parquet | txt | arrow | hf
     start: int    # byte offset (jsonl), row group (parquet) or row (hf); 0 otherwise
     stop: int     # exclusive, same unit
     size: int     # estimated bytes on disk, the unit of progress
 
 
 def _kind(path: str) -> str | None:
-    for suffix in (".jsonl.gz", ".jsonl.zst", ".jsonl", ".parquet", ".txt"):
+    for suffix in (".jsonl.gz", ".jsonl.zst", ".jsonl", ".parquet", ".txt", ".arrow"):
         if path.endswith(suffix):
             return suffix[1:]
     return None
@@ -71,9 +72,12 @@ def discover(inputs: list[str]) -> list[tuple[str, str]]:
     return found
 
 
-def load_hf(path: str, split: str | None):
+def load_hf(path: str, kind: str, split: str | None):
+    """A saved dataset folder (``hf``) or one ``.arrow`` file, memory-mapped."""
     import datasets
 
+    if kind == "arrow":
+        return datasets.Dataset.from_file(path)
     ds = datasets.load_from_disk(path)
     if isinstance(ds, datasets.DatasetDict):
         if split is None:
@@ -95,8 +99,8 @@ def _pieces(path: str, kind: str, shard_bytes: int, split: str | None) -> list[P
         meta = pq.ParquetFile(path).metadata
         return [Piece(path, kind, g, g + 1, meta.row_group(g).total_byte_size)
                 for g in range(meta.num_row_groups)]
-    if kind == "hf":
-        ds = load_hf(path, split)
+    if kind in ("hf", "arrow"):
+        ds = load_hf(path, kind, split)
         rows = len(ds)
         bytes_per_row = max(1, ds.data.nbytes // max(rows, 1))
         step = max(1, shard_bytes // bytes_per_row)
@@ -271,7 +275,9 @@ class DocumentReader:
         yield from self._rows(piece, texts, first_row)
 
     def _read_hf(self, piece: Piece) -> Iterator[tuple[str, int]]:
-        ds = load_hf(piece.path, self.split)
+        ds = load_hf(piece.path, piece.kind, self.split)
         self._columns(piece, ds.column_names)
         texts = ds.select_columns([self.text_key])[piece.start:piece.stop][self.text_key]
         yield from self._rows(piece, texts, piece.start)
+
+    _read_arrow = _read_hf

@@ -1,4 +1,4 @@
-"""Tokenize corpora into Megatron ``PREFIX.bin``/``PREFIX.idx`` with N workers, resumably.
+r"""Tokenize corpora into Megatron ``PREFIX.bin``/``PREFIX.idx`` with N workers, resumably.
 
     python -m data_prep.tokenize --input data/ --tokenizer tokenizer.json \
         --output-prefix out/corpus --workers 8
@@ -38,7 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="files or folders: .jsonl[.gz|.zst], .parquet, .txt, datasets folders")
     p.add_argument("--tokenizer", required=True, help="tokenizer.json or SentencePiece .model")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
-    p.add_argument("--workers", type=int, default=1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    p.add_argument("--workers", type=int, default=cores,
+                   help="worker processes, one core each (default: all cores of this process)")
     p.add_argument("--text-key", default="text", help="JSON key / column holding the text")
     p.add_argument("--split", default=None, help="split of a saved DatasetDict (default train)")
     p.add_argument("--eod-token", default=EOD_TOKEN, help="end-of-document token appended per doc")
@@ -50,7 +52,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shard-index", type=int, default=None, help="this task's index (job array)")
     p.add_argument("--num-shards", type=int, default=None, help="number of tasks (job array)")
     p.add_argument("--keep-shards", action="store_true", help="keep PREFIX.shards/ after merging")
-    p.add_argument("--overwrite", action="store_true", help="discard outputs from another plan")
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error("--workers must be at least 1")
@@ -128,16 +129,14 @@ def _plan(args, encoder) -> tuple[list[list[Piece]], dict, str]:
     return shards, plan, plan_id
 
 
-def _claim_folder(store: ShardStore, plan: dict, plan_id: str, overwrite: bool) -> None:
+def _claim_folder(store: ShardStore, plan: dict, plan_id: str) -> None:
     plan_path = os.path.join(store.dir, "plan.json")
     if os.path.exists(plan_path):
         with open(plan_path) as f:
-            old = json.load(f).get("plan_id")
-        if old == plan_id:
-            return
-        if not overwrite:
-            raise InputError(f"{store.dir} holds shards of other inputs or settings (plan {old}, "
-                             f"now {plan_id}); pass --overwrite to discard them")
+            if json.load(f).get("plan_id") == plan_id:
+                return
+        print(f"inputs or settings changed since {store.dir} was written: starting over",
+              file=sys.stderr)
         shutil.rmtree(store.dir)
     os.makedirs(store.dir, exist_ok=True)
     atomic_write_bytes(plan_path, json.dumps({**plan, "plan_id": plan_id}, indent=1).encode())
@@ -194,19 +193,15 @@ def tokenize(args: argparse.Namespace) -> int:
     shards, plan, plan_id = _plan(args, encoder)
     prefix = args.output_prefix
     done_path = prefix + ".done"
-    if os.path.exists(done_path) and not args.overwrite:
-        with open(done_path) as f:
-            done = json.load(f)
-        if done.get("plan_id") != plan_id:
-            raise InputError(f"{prefix}.bin/.idx were made from other inputs or settings; pass "
-                             "--overwrite to replace them")
-        print(f"{prefix}.bin/.idx are complete for these inputs; nothing to do")
-        return 0
     if os.path.exists(done_path):
-        os.remove(done_path)
+        with open(done_path) as f:
+            if json.load(f).get("plan_id") == plan_id:
+                print(f"{prefix}.bin/.idx are complete for these inputs; nothing to do")
+                return 0
+        os.remove(done_path)  # made from other inputs: rebuilt below
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     store = ShardStore(prefix)
-    _claim_folder(store, plan, plan_id, args.overwrite)
+    _claim_folder(store, plan, plan_id)
 
     mine = range(len(shards))
     if args.num_shards is not None:

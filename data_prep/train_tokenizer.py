@@ -1,4 +1,4 @@
-"""Train a byte-level BPE tokenizer with ``tokenizers`` and save it as ``tokenizer.json``.
+r"""Train a byte-level BPE tokenizer with ``tokenizers`` and save it as ``tokenizer.json``.
 
     python -m data_prep.train_tokenizer --input data/stdlib/corpus.jsonl --vocab-size 4096 \
         --out data/stdlib/tokenizer.json

@@ -107,8 +107,9 @@ def _digests(path: Path, files: list[Path]) -> dict[str, dict]:
 
 def verify(path: Path, checksums: bool = True, files: list[str] | None = None) -> list[str]:
     """Problems with checkpoint `path`, each naming its file; [] when it is complete and intact.
-    Checks the marker, meta.json, the manifest, that every shard DCP's index points to exists
-    and is long enough, and (with `checksums`) each file's crc32. `files`: only these names."""
+    Checks the marker, meta.json, that every file of the manifest is there with its size and
+    (with `checksums`) its crc32, and that the manifest covers every shard DCP's index names.
+    `files`: check only these names of the manifest (a rank's share)."""
     path = Path(path)
     if not path.is_dir():
         return [f"{path}: no such checkpoint folder"]
@@ -118,23 +119,29 @@ def verify(path: Path, checksums: bool = True, files: list[str] | None = None) -
             problems.append(f"{path / name}: missing" + (" (the save did not finish)" if name == MARKER else ""))
     if problems:
         return problems
-    manifest = json.loads((path / MANIFEST).read_text())
-    needed: dict[str, int] = {}
-    for info in FileSystemReader(str(path)).read_metadata().storage_data.values():
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-    for name, end in sorted(needed.items()):
-        if name not in manifest:
-            problems.append(f"{path / name}: referenced by .metadata but not in {MANIFEST}")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except ValueError as e:
+        return [f"{path / MANIFEST}: not valid JSON ({e})"]
     for name, want in sorted(manifest.items()):
         if files is not None and name not in files:
             continue
         f = path / name
         if not f.is_file():
             problems.append(f"{f}: shard missing")
-        elif f.stat().st_size != want["bytes"] or f.stat().st_size < needed.get(name, 0):
+        elif f.stat().st_size != want["bytes"]:
             problems.append(f"{f}: {f.stat().st_size} bytes, expected {want['bytes']} (truncated or replaced)")
         elif checksums and file_digest(f)["crc32"] != want["crc32"]:
             problems.append(f"{f}: crc32 mismatch (corrupt shard)")
+    if any(p.startswith(f"{path / '.metadata'}:") for p in problems):
+        return problems
+    try:
+        storage = FileSystemReader(str(path)).read_metadata().storage_data
+    except Exception as e:  # whatever unpickling a damaged index raises
+        return problems + [f"{path / '.metadata'}: unreadable DCP index ({type(e).__name__}: {e})"]
+    for name in sorted({info.relative_path for info in storage.values()}):
+        if name not in manifest:
+            problems.append(f"{path / name}: referenced by .metadata but not in {MANIFEST}")
     return problems
 
 

@@ -199,6 +199,27 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(
             f"parallel.pp={p.pp} is larger than model.n_layers={m.n_layers}: every pipeline stage "
             f"needs at least one layer")
+    if p.tp > 1 and m.vocab_size % p.tp:
+        raise ConfigError(
+            f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={p.tp}: the embedding "
+            f"and head are vocab-parallel; round the vocabulary up to a multiple of {p.tp}")
+    for i, level in enumerate(m.cms):
+        if level.width % p.tp:
+            raise ConfigError(f"model.cms[{i}].width={level.width} is not divisible by parallel.tp={p.tp}: "
+                              f"CMS levels are split column/row-wise over tp; pick a multiple of {p.tp}")
+    if p.pp > 1:
+        if t.micro_batch % p.microbatches:
+            raise ConfigError(
+                f"training.micro_batch={t.micro_batch} must be a multiple of parallel.microbatches="
+                f"{p.microbatches}: the pipeline splits every micro-batch into that many microbatches")
+        if p.pp_schedule != "gpipe" and p.microbatches % p.pp:
+            raise ConfigError(
+                f"parallel.microbatches={p.microbatches} must be a multiple of parallel.pp={p.pp} for "
+                f"pp_schedule={p.pp_schedule} (fewer cannot fill the pipeline); or use pp_schedule=gpipe")
+        if p.pp_schedule == "interleaved_1f1b" and m.n_layers < 2 * p.pp:
+            raise ConfigError(
+                f"pp_schedule=interleaved_1f1b puts 2 stages on each of parallel.pp={p.pp} ranks, so "
+                f"model.n_layers={m.n_layers} must be >= {2 * p.pp}; use pp_schedule=1f1b")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr={cfg.optim.lr} must be > 0")
     if cfg.data.weights is not None and len(cfg.data.weights) != len(cfg.data.paths):

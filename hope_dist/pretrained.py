@@ -205,7 +205,7 @@ class HopeLM:
             window = tail + fresh[:take]
             x = torch.tensor([window], dtype=torch.long, device=self.device)
             y, state = self.model(x, state=self._state, return_state=True)
-            out.append(y[0, len(tail):].float())
+            out.append(y[0, len(tail):])
             fresh = fresh[take:]
             if len(window) == self.span:
                 self._state, tail = state, []
@@ -228,6 +228,7 @@ class HopeLM:
         prev = self._next_logits
         logits = self.logits(ids)
         preds = logits[:-1] if prev is None else torch.cat([prev[None], logits[:-1]])
+        preds = preds.to(torch.promote_types(preds.dtype, torch.float32))
         targets = torch.tensor(ids[1:] if prev is None else ids, device=logits.device)
         logprobs = F.log_softmax(preds, dim=-1).gather(1, targets[:, None])[:, 0] if len(targets) else preds.new_zeros(0)
         return Score(list(ids), logprobs.cpu())

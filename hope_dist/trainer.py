@@ -24,9 +24,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import yaml
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_model_state_dict, set_state_dict
 
 from hope_dist.checkpoint import (Checkpointer, check_model_config, clock_for_dp_rank, committed_steps,
                                   read_meta, stored_keys, verify_distributed)
@@ -35,8 +34,10 @@ from hope_dist.config import JobConfig, OptimConfig
 from hope_dist.data import build_train_stream
 from hope_dist.metrics import MetricsLogger
 from hope_dist.model import build_model, count_parameters, document_segments
-from hope_dist.parallel.grad_sync import BucketSync, clip_grad_norm_
-from hope_dist.parallel.mesh import check_world_size
+from hope_dist.parallel.grad_sync import clip_grad_norm_
+from hope_dist.parallel.mesh import build_mesh, check_world_size
+from hope_dist.parallel.parallelize import parallelize
+from hope_dist.parallel.tensor_parallel import loss_context
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
@@ -98,11 +99,13 @@ class Trainer:
                 f"({self.data.vocab_size}); set --model.vocab_size={self.data.vocab_size} or larger")
         self.eod_id = self.data.eod_id if t.reset_state_at_eod else None
 
-        self.model = build_model(cfg.model, self.device)
+        self.model = build_model(cfg.model, self.device)  # whole and initialised on every rank
+        self.parallel = parallelize(self.model, cfg, self.dims, self.device, self.amp_dtype)  # prunes, shards
         self.groups = build_clock_groups(self.model)
         self.clock = CMSClock(self.groups)
         self.optimizer = build_optimizer(self.groups, cfg.optim)
-        self.sync = BucketSync(self.dp_group)
+        self.sync = self.parallel.sync
+        self.sync.attach(self.clock)
         self.ckpt = Checkpointer(cfg.checkpoint, self.run_dir)
         self.step = 0
         self.tokens_seen = 0
@@ -118,10 +121,13 @@ class Trainer:
         check_world_size(self.cfg.parallel, world)
         if world > 1 and not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(self.local_rank)
             dist.init_process_group(backend, timeout=timedelta(seconds=self.cfg.parallel.timeout_s))
         self.world = world
-        self.dp_rank, self.dp_size = self.rank, world
-        self.dp_group = dist.group.WORLD if world > 1 else None
+        self.dims = build_mesh(self.cfg.parallel, "cuda" if torch.cuda.is_available() else "cpu")
+        self.dp_rank, self.dp_size = self.dims.dp_rank, self.dims.dp_size
+        self.dp_group = self.dims.group("dp")
 
     def _write_run_info(self) -> None:
         if self.rank != 0:
@@ -171,7 +177,7 @@ class Trainer:
         if not any(k.startswith("optim.") for k in keys):
             state = {"model": state["model"]}
             self.ckpt.load(path, state)
-            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict={})
+            set_model_state_dict(self.model, state["model"])
             if self.rank == 0:
                 print(f"initialised the model from {path} (weights only); training starts at step 0", flush=True)
             return
@@ -205,11 +211,15 @@ class Trainer:
         self._stop_signal = signal.Signals(signum).name
 
     def _loss_and_backward(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        segs = document_segments(tokens, self.eod_id) if self.eod_id is not None else None
+        def segments(t):
+            return document_segments(t, self.eod_id) if self.eod_id is not None else None
+
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
-            logits = self.model(tokens, segs)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum")
+            if self.parallel.pipeline is not None:  # every stage's forward and backward
+                return self.parallel.pipeline.step(tokens, labels, segments)
+            logits = self.model(tokens, segments(tokens))
+        loss = self.parallel.loss(logits, labels)  # token sum; vocab-parallel under tp
         loss.backward()
         return loss.detach()
 
@@ -219,20 +229,26 @@ class Trainer:
         batch = self.data.next_batch()
         tokens, labels = batch["tokens"].to(self.device), batch["labels"].to(self.device)
         loss_sum = torch.zeros((), device=self.device)
-        for tok, lab in zip(tokens.split(cfg.training.micro_batch), labels.split(cfg.training.micro_batch)):
-            loss_sum += self._loss_and_backward(tok, lab)
+        with loss_context(self.parallel.tp_mesh):
+            for tok, lab in zip(tokens.split(cfg.training.micro_batch), labels.split(cfg.training.micro_batch)):
+                loss_sum += self._loss_and_backward(tok, lab)
         if self.step == self._inject_nonfinite_step and self.rank == self.world - 1:
             loss_sum = loss_sum + float("nan")
         stats = torch.stack([loss_sum.double(), torch.tensor(float(labels.numel()), dtype=torch.float64,
                                                              device=self.device)])
         if self.dp_group is not None:
             dist.all_reduce(stats, group=self.dp_group)
+        if self.dims.group("pp") is not None:  # only the last stage has the loss
+            loss_total = stats[:1].clone()
+            dist.all_reduce(loss_total, group=self.dims.group("pp"))
+            stats[0] = loss_total[0]
         step_tokens = int(stats[1].item())
         loss = (stats[0] / stats[1]).item()
         step = self.step
         metrics = {"loss": loss, "lr": lr_at(step, cfg.optim, cfg.training.steps)}
         if not math.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
+            self.sync.discard()  # gradients a sharded data-parallel layer still holds
             if cfg.training.nonfinite == "stop":
                 raise FloatingPointError(
                     f"non-finite loss ({loss}) at step {step} (training.nonfinite=stop); the newest "
@@ -247,7 +263,7 @@ class Trainer:
                         p.grad.div_(g.window_tokens)
                         params.append(p)
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            metrics["grad_norm"] = clip_grad_norm_(params, clip)
+            metrics["grad_norm"] = clip_grad_norm_(params, clip, cfg.parallel.pp)
             for group in self.optimizer.param_groups:
                 group["lr"] = metrics["lr"] * group["lr_scale"]
             self.optimizer.step()
@@ -278,6 +294,7 @@ class Trainer:
         counts = count_parameters(self.model)
         logger.print(f"parameters: {counts['total']:,} ({', '.join(f'{k} {v:,}' for k, v in counts.items() if k != 'total')})")
         logger.print("clock groups: " + ", ".join(f"{g.name} (period {g.period}, lr x{g.lr_scale})" for g in self.groups))
+        logger.print(self.parallel.description)
         last = None
         try:
             while self.step < cfg.training.steps:
@@ -288,8 +305,8 @@ class Trainer:
                 interval = cfg.checkpoint.interval
                 if interval > 0 and self.step % interval == 0 and self.step < cfg.training.steps:
                     self.save()
-                if self._agree_to_stop():
-                    path = self.save()
+                if self._agree_to_stop():  # saved already when the stop falls on an interval step
+                    path = self.ckpt.path(self.step) if self.ckpt.last_step == self.step else self.save()
                     self.ckpt.wait()
                     if self.rank == 0:
                         (self.run_dir / "PREEMPTED").write_text(f"{self._stop_signal or 'peer'} {self.step}\n")

@@ -57,6 +57,9 @@ hope_export_env() {
     export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-3}  # abort a timed-out rank
     export TORCH_NCCL_AVOID_RECORD_STREAMS=${TORCH_NCCL_AVOID_RECORD_STREAMS:-1}
     export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+    # Workers get a fresh store per torchrun attempt: with the agent's shared store a restarted
+    # worker can read a dead peer's address from the failed attempt (pytorch/pytorch#135712).
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
     local threads=$(( ${HOPE_CPUS:-$HOPE_NPROC} / HOPE_NPROC ))
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}
     export PYTHONUNBUFFERED=1

@@ -7,6 +7,7 @@ apt-get once when missing (CI is a fresh Debian machine, running as root).
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
@@ -46,6 +47,11 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the daemon's child before exec: SIGTERM it when the test process dies, however it dies."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _sbin(name: str) -> str:
@@ -136,7 +142,7 @@ class SlurmCluster:
             (r / sub).mkdir(parents=True, exist_ok=True)
         os.chmod(r, 0o700)
         key = r / "munge.key"
-        subprocess.run([_sbin("mungekey"), "--create", "--keyfile", str(key)], check=True, capture_output=True)
+        subprocess.run([_sbin("mungekey"), "--create", "--force", "--keyfile", str(key)], check=True, capture_output=True)
         os.chmod(key, 0o400)
         (r / "slurm.conf").write_text(SLURM_CONF.format(root=r, ctld_port=_free_port(), slurmd_port=_free_port()))
         self._spawn("munged", [_sbin("munged"), "--foreground", "--force", f"--socket={r}/munge.socket",
@@ -150,9 +156,10 @@ class SlurmCluster:
         return self
 
     def _spawn(self, name: str, cmd: list[str]) -> None:
-        log = open(self.root / f"{name}.out", "w")
-        self.daemons[name] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                              stdin=subprocess.DEVNULL, start_new_session=True)
+        with open(self.root / f"{name}.out", "w") as log:  # the daemon keeps its own copy of the fd
+            self.daemons[name] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                                  stdin=subprocess.DEVNULL, start_new_session=True,
+                                                  preexec_fn=_die_with_parent)
 
     def _node_ready(self) -> bool:
         out = self.run("scontrol", "show", "node", "localhost", "-o", check=False).stdout
@@ -167,13 +174,18 @@ class SlurmCluster:
                 raise RuntimeError(f"SLURM did not come up ({what}; exited: {dead or 'none'})\n{out}\n{self.logs()}")
             time.sleep(0.05)
 
+    def cancel_all(self, timeout: float = 30) -> None:
+        """Cancel every job of this cluster and wait until the queue is empty."""
+        if "slurmctld" not in self.daemons or self.daemons["slurmctld"].poll() is not None:
+            return
+        self.run("scancel", "--full", f"--user={os.geteuid()}", check=False)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.run("squeue", "-h", check=False).stdout.strip():
+            time.sleep(0.5)
+
     def stop(self) -> None:
         """Cancel every job, wait for them to end, then end the daemons by PID (newest first)."""
-        if "slurmctld" in self.daemons and self.daemons["slurmctld"].poll() is None:
-            self.run("scancel", "--full", "--user=root", check=False)
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and self.run("squeue", "-h", check=False).stdout.strip():
-                time.sleep(0.5)
+        self.cancel_all()
         for name in reversed(list(self.daemons)):
             proc = self.daemons[name]
             if proc.poll() is None:

@@ -17,8 +17,8 @@ EOD = 0
 
 
 def make_docs(n: int, base: int, seed: int) -> list[np.ndarray]:
-    """Document i holds base + (1..len) * 0 + its id pattern, so every token says where it is from:
-    token = base + 1 + (i * 7 + position) % 97, followed by EOD."""
+    """Document i: tokens base + 1 + (7 i + position) % 97, then EOD; so a token tells its
+    dataset (base 0 or 100) and documents differ from each other."""
     rng = np.random.default_rng(seed)
     docs = []
     for i in range(n):

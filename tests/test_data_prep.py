@@ -56,7 +56,7 @@ def read_megatron(prefix: str) -> list[list[int]]:
     return [ds[i].tolist() for i in range(len(ds))]
 
 
-def run_tokenize(inputs, tokenizer, prefix, *extra, capsys=None) -> int:
+def run_tokenize(inputs, tokenizer, prefix, *extra) -> int:
     args = ["--input", *map(str, inputs), "--tokenizer", str(tokenizer), "--output-prefix",
             str(prefix), *map(str, extra)]
     return tokenize.main(args)
@@ -81,17 +81,20 @@ def write_format(kind: str, d: Path, texts: list[str]) -> Path:
     elif kind == "txt":
         for i, t in enumerate(texts):
             (d / f"doc{i:03d}.txt").write_text(t, encoding="utf-8")
-    elif kind == "hf":
+    elif kind in ("hf", "arrow"):
         import datasets
 
         datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(d / "hfds"))
+        if kind == "arrow":
+            return next((d / "hfds").glob("*.arrow"))
     return d
 
 
-@pytest.mark.parametrize("kind", ["jsonl", "jsonl.gz", "jsonl.zst", "parquet", "txt", "hf"])
+@pytest.mark.parametrize("kind", ["jsonl", "jsonl.gz", "jsonl.zst", "parquet", "txt", "hf", "arrow"])
 def test_round_trip_every_format(kind, tokenizer_json, tmp_path):
     texts = make_texts(40, seed=2)
-    src = write_format(kind, tmp_path / "in", texts) if (tmp_path / "in").mkdir() is None else None
+    (tmp_path / "in").mkdir()
+    src = write_format(kind, tmp_path / "in", texts)
     prefix = tmp_path / "out" / "ds"
     assert run_tokenize([src], tokenizer_json, prefix, "--shard-size-mb", 0.002) == 0
     assert read_megatron(str(prefix)) == hf_reference(tokenizer_json, texts)
@@ -207,7 +210,7 @@ def test_damaged_shard_is_redone(tokenizer_json, tmp_path, capsys):
     assert read_megatron(str(tmp_path / "ds")) == hf_reference(tokenizer_json, make_texts(200, seed=7))
 
 
-def test_job_array_tasks_then_merge(tokenizer_json, tmp_path):
+def test_job_array_tasks_then_merge(tokenizer_json, tmp_path, capsys):
     texts = make_texts(150, seed=8)
     src = write_format("jsonl", tmp_path, texts)
     common = ([src / "a.jsonl"], tokenizer_json, tmp_path / "ds", "--shard-size-mb", 0.003)
@@ -217,6 +220,10 @@ def test_job_array_tasks_then_merge(tokenizer_json, tmp_path):
     assert run_tokenize(*common) == 0
     assert read_megatron(str(tmp_path / "ds")) == hf_reference(tokenizer_json, texts)
     assert run_tokenize(*common) == 0  # complete: nothing to do
+    assert "nothing to do" in capsys.readouterr().out
+    write_format("jsonl", tmp_path, texts[:100])  # changed input: rebuilt, not reused
+    assert run_tokenize(*common) == 0
+    assert read_megatron(str(tmp_path / "ds")) == hf_reference(tokenizer_json, texts[:100])
 
 
 def test_malformed_lines_skipped_counted_or_strict(tokenizer_json, tmp_path, capsys):

@@ -95,32 +95,37 @@ def make_problem(case: Case, batch: int = 2, seed: int = 0):
     return l2norm(randn(*shape)), params, inputs, state
 
 
-def leaves_of(q, params, inputs, state) -> list[torch.Tensor]:
-    """Every tensor the op is differentiable in (params' weights only when they start the state)."""
+def leaves_of(q, params, inputs, state) -> dict[str, torch.Tensor]:
+    """Every tensor the op is differentiable in, by name (params' weights only when they start the state)."""
     skip = {"w1", "w2"} if state is not None else set()
-    found = [q, *inputs.values(), *(x for name, x in params._asdict().items() if x is not None and name not in skip)]
-    return found + ([x for x in state if x is not None] if state is not None else [])
+    leaves = {"q": q, **inputs}
+    leaves.update({f"params.{n}": x for n, x in params._asdict().items() if x is not None and n not in skip})
+    if state is not None:
+        leaves.update({f"initial_state.{n}": x for n, x in state._asdict().items() if x is not None})
+    return leaves
 
 
-def differentiate(run, leaves, seed: int = 1):
-    """run() -> (o, final state); returns them detached with the gradients of every leaf under
-    random upstream gradients of o and of the final state (drawn in that order from `seed`)."""
-    for x in leaves:
+def differentiate(run, leaves: dict, seed: int = 1):
+    """run() -> (o, final state); returns them detached with the gradients of every leaf (by name)
+    under random upstream gradients of o and of the final state (drawn in that order from `seed`)."""
+    for x in leaves.values():
         x.requires_grad_(True)
     o, final = run()
     gen = torch.Generator().manual_seed(seed)
     outputs = [o, *(x for x in final if x is not None)]
     loss = sum((x * torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.dtype)).sum() for x in outputs)
-    grads = torch.autograd.grad(loss, leaves)
-    for x in leaves:
+    grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+    for x in leaves.values():
         x.requires_grad_(False)
     return o.detach(), MemoryState(*(None if x is None else x.detach() for x in final)), grads
 
 
 def forward_backward(q, params, inputs, state, **kwargs):
     """One call of the op, differentiated in every leaf."""
-    return differentiate(lambda: hope_memory(q, params, **inputs, initial_state=state, output_final_state=True, **kwargs),
-                         leaves_of(q, params, inputs, state))
+    def run():
+        return hope_memory(q, params, **inputs, initial_state=state, output_final_state=True, **kwargs)
+
+    return differentiate(run, leaves_of(q, params, inputs, state))
 
 
 def assert_rel_close(actual, expected, tol: float, what: str) -> None:
@@ -136,9 +141,9 @@ def assert_same_results(got, want, tol: float, what: str) -> None:
         assert (x is None) == (ref is None), f"{what} final state {name}: one path returned None"
         if x is not None:
             assert_rel_close(x, ref, tol, f"{what} final state {name}")
-    assert len(grads) == len(grads_ref)
-    for i, (g, ref) in enumerate(zip(grads, grads_ref)):
-        assert_rel_close(g, ref, tol, f"{what} gradient of leaf {i}")
+    assert grads.keys() == grads_ref.keys()
+    for name, ref in grads_ref.items():
+        assert_rel_close(grads[name], ref, tol, f"{what} gradient of {name}")
 
 
 CASES = covering_design(FACTORS)
@@ -164,8 +169,9 @@ def test_chunked_matches_naive(case: Case):
     assert want[1].w2.norm() > 0.05 * params.w2.norm(), "fast weights vanished: the case hides errors"
 
 
-STRUCTURES = [Case(variant=v, depth=d, momentum=m, selfgen=g, stopgrad=sg, chunk=3, proj_mult=2, seq=37, given_state=True)
-              for v, d, m, g, sg in itertools.product(*(FACTORS[n] for n in ("variant", "depth", "momentum", "selfgen", "stopgrad")))]
+STRUCTURAL = ("variant", "depth", "momentum", "selfgen", "stopgrad")
+STRUCTURES = [Case(**dict(zip(STRUCTURAL, flags)), chunk=3, proj_mult=2, seq=37, given_state=True)
+              for flags in itertools.product(*(FACTORS[n] for n in STRUCTURAL))]
 
 
 @pytest.mark.parametrize("case", STRUCTURES, ids=_case_id)
@@ -201,7 +207,8 @@ def test_batch_equals_sequences(impl):
     for b in range(3):
         one = slice(b, b + 1)
         o_b, final_b = hope_memory(q[one], params, **{n: x[one] for n, x in inputs.items()},
-                                   initial_state=MemoryState(*(x[one] for x in state)), output_final_state=True, **kwargs)
+                                   initial_state=MemoryState(*(x[one] for x in state)), output_final_state=True,
+                                   **kwargs)
         assert_rel_close(o[one], o_b, 1e-12, f"sequence {b} outputs")
         for name, x, x_b in zip(MemoryState._fields, final, final_b):
             assert_rel_close(x[one], x_b, 1e-12, f"sequence {b} final state {name}")
@@ -297,6 +304,49 @@ def test_chunk_one_is_sequential_rule(impl, momentum):
             assert_rel_close(final.s2[0, 0, h], s, 1e-12, f"final momentum, head {h}")
 
 
+@pytest.mark.parametrize("chunk,proj_chunk", [(1, 1), (2, 4)])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_selfmod_matches_rule_written_with_autograd(impl, chunk, proj_chunk):
+    """Section 2 for one sequence, one head and memory at a time, with every inner gradient taken
+    by autograd (independent of the op's closed forms): depth 2, momentum, self-generated targets."""
+    case = Case(seq=11)
+    q, params, inputs, _ = make_problem(case, batch=1)
+    o, final = hope_memory(q, params, **inputs, output_final_state=True, chunk=chunk, proj_chunk=proj_chunk, impl=impl)
+
+    def memory(w1, w2, z):
+        return z + w1 @ F.silu(w2 @ z)
+
+    def unit(x):
+        return x / torch.sqrt(x.square().sum() + 1e-6)
+
+    a, eye = inputs["a"][0], torch.eye(D_H, dtype=q.dtype)
+    for h in range(HEADS):
+        w1, w2 = list(params.w1[:, h]), list(params.w2[:, h])
+        s1, s2 = [torch.zeros_like(x) for x in w1], [torch.zeros_like(x) for x in w2]
+        gamma = torch.sigmoid(params.gamma[h])
+        for t in range(case.seq):
+            if t % proj_chunk == 0:
+                start = [(w1[m], w2[m]) for m in range(4)] + start[4:] if t else list(zip(w1, w2))
+            if t % chunk == 0:
+                start[4] = (w1[4], w2[4])
+            mk, mv, meta, malpha = (memory(*start[m], a[t, h]) for m in range(4))
+            k, v = unit(mk), unit(mv)
+            eta = torch.sigmoid(params.eta_w[h] @ meta + params.eta_b[h])
+            alpha = torch.sigmoid(params.alpha_w[h] @ malpha + params.alpha_b[h])
+            for m in range(5):
+                c1, c2 = (x.detach().requires_grad_(True) for x in start[m])
+                loss = 0.5 * (memory(c1, c2, k.detach()) - memory(*start[m], v).detach()).square().sum()
+                g1, g2 = torch.autograd.grad(loss, (c1, c2))
+                s1[m], s2[m] = gamma * s1[m] + g1, gamma * s2[m] + g2
+                w2[m] = w2[m] @ (alpha * eye - eta * torch.outer(k, k)) - eta * s2[m]
+                w1[m] = alpha * w1[m] - eta * s1[m]
+            assert_rel_close(o[0, t, h], memory(w1[4], w2[4], q[0, t, h]), 1e-12, f"o at t={t}, head {h}")
+        for m in range(5):
+            assert_rel_close(final.w1[0, m, h], w1[m], 1e-12, f"final W1 of memory {m}, head {h}")
+            assert_rel_close(final.w2[0, m, h], w2[m], 1e-12, f"final W2 of memory {m}, head {h}")
+            assert_rel_close(final.s2[0, m, h], s2[m], 1e-12, f"final S2 of memory {m}, head {h}")
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_stopgrad_detaches_only_self_generated_targets(impl):
     case = Case(seq=12)
@@ -358,6 +408,7 @@ def _bad_inputs():
         ("chunk zero", put(chunk=0), "chunk must be"),
         ("bad impl", put(impl="cuda"), "impl"),
         ("negative eta_max", put(eta_max=-1.0), "eta_max"),
+        ("selfgen not a bool", put(selfgen="yes"), "selfgen"),
         ("n_mem 3", with_params(w2=lambda p: p.w2[:3], w1=lambda p: p.w1[:3]), "n_mem"),
         ("w1 of wrong d_m", with_params(w1=lambda p: p.w1[..., :-1]), "params.w1"),
         ("missing eta_w", with_params(eta_w=lambda p: None), "params.eta_w"),
@@ -365,9 +416,11 @@ def _bad_inputs():
         ("cu_seqlens with B > 1", put(cu_seqlens=torch.tensor([0, 20, 40])), "B = 1"),
         ("titans without eta", then(titans, drop("eta")), "eta (titans"),
         ("titans with a", then(titans, put(a=torch.zeros(b, t, HEADS, D_H, dtype=torch.float64))), "a must be None"),
-        ("titans alpha per dim", then(titans, put(alpha=torch.ones(b, t, HEADS, D_H, dtype=torch.float64))), "alpha (titans"),
+        ("titans alpha per dim", then(titans, put(alpha=torch.ones(b, t, HEADS, D_H, dtype=torch.float64))),
+         "alpha (titans"),
         ("state batch", put(initial_state=make_problem(Case(given_state=True), batch=3)[3]), "initial_state.w2"),
-        ("state without momentum", put(initial_state=make_problem(Case(given_state=True))[3]._replace(s1=None)), "initial_state.s1"),
+        ("state without momentum", put(initial_state=make_problem(Case(given_state=True))[3]._replace(s1=None)),
+         "initial_state.s1"),
     ]
 
 

@@ -96,7 +96,8 @@ def assert_matches(got, want, tol_out, tol_grad):
 
 CASES = {  # name: (make_problem kwargs, op kwargs); small enough for the CPU interpreter
     "selfmod-T63-d16-C16x2": (dict(batch=1), dict(chunk=16, proj_chunk=32)),
-    "selfmod-T100-d32-dm16-C32x2": (dict(batch=1, seq=100, heads=1, d_h=32, d_m=16), dict(chunk=32, proj_chunk=64)),
+    "selfmod-T100-d32-dm16-C32x2-etamax": (dict(batch=1, seq=100, heads=1, d_h=32, d_m=16),
+                                           dict(chunk=32, proj_chunk=64, eta_max=0.5)),
     "selfmod-depth1-T63-C8x2-v": (dict(depth=1, batch=1, heads=1), dict(chunk=8, proj_chunk=16, selfgen=False)),
     "selfmod-packed3-nosg-state": (dict(batch=1, seq=99, heads=1, docs=(21, 37, 41), given_state=True),
                                    dict(chunk=16, proj_chunk=16, stopgrad_vhat=False)),

@@ -6,10 +6,11 @@ final norm and the head. There is no unit at the model's root: the pipeline's st
 then plain modules, and the pipeline does not force a reduction of every unit after backward.
 
 All units keep `requires_gradient_sync(False)`: during backward FSDP2 only accumulates each
-unit's unsharded gradient locally (float32 for float32 parameters). After the step's last
-micro-batch `FSDPClockedSync` reduce-scatters exactly the units whose clock group ticks, once,
-as a SUM over the data-parallel ranks (HSDP adds the all-reduce over dp_replicate). The bytes
-are counted inside the reduce-scatter FSDP calls, from the buffer it hands to torch.distributed.
+unit's unsharded gradient locally. After the step's last micro-batch `FSDPClockedSync` banks the
+clocked levels' gradients in the clock's float32 window accumulators and reduce-scatters exactly
+the units whose clock group ticks, once, as a SUM over the data-parallel ranks (HSDP adds the
+all-reduce over dp_replicate). The bytes are counted inside the reduce-scatter FSDP calls, from
+the buffer it hands to torch.distributed.
 """
 from __future__ import annotations
 
@@ -84,24 +85,75 @@ def _param_groups(unit: FSDPModule):
     return fully_shard.state(unit)._fsdp_param_groups
 
 
+def _local_zeros(fsdp_param) -> torch.Tensor:
+    """Zeros shaped like this rank's unsharded gradient of one parameter: the whole tensor over
+    dp, this rank's shard over tp (a DTensor on the tp mesh then, like FSDP's own gradient)."""
+    local = torch.zeros(fsdp_param._orig_size, dtype=torch.float32, device=fsdp_param.device)
+    if not fsdp_param.is_dtensor:
+        return local
+    spec = fsdp_param._unsharded_dtensor_spec
+    return DTensor.from_local(local, spec.mesh, spec.placements, run_check=False,
+                              shape=spec.shape, stride=spec.stride)
+
+
+def _take_pending(fsdp_param) -> torch.Tensor | None:
+    """This rank's unreduced gradient that FSDP accumulated since the last take; FSDP forgets it."""
+    if not hasattr(fsdp_param, "_unsharded_param"):  # no forward yet
+        return None
+    grads = [g for g in (fsdp_param.unsharded_accumulated_grad, fsdp_param._unsharded_param.grad) if g is not None]
+    fsdp_param.unsharded_accumulated_grad = None
+    fsdp_param._unsharded_param.grad = None
+    return sum(grads[1:], grads[0]) if grads else None
+
+
 class FSDPClockedSync:
-    """Reduce the ticking units' window gradients once per tick; see the module docstring."""
+    """Reduce the ticking units' window gradients once per tick; see the module docstring.
+
+    The window sums of the clocked levels live in the clock's float32 accumulators (so they are
+    checkpointed like every other training state): each step they are taken out of FSDP, and on
+    a tick handed back to it as the reduce-scatter input."""
 
     def __init__(self, units: dict[str, list[FSDPModule]]):
         self.units = units
+        self.fsdp_params = {id(fp.sharded_param): fp for group_units in units.values() for unit in group_units
+                            for group in _param_groups(unit) for fp in group.fsdp_params}
+
+    def attach(self, clock: CMSClock) -> None:
+        """Size the clock's accumulators of clocked levels like this rank's unsharded gradients."""
+        for g in clock.groups:
+            if g.period > 1:
+                for name, p in g.params:
+                    clock.acc[name] = _local_zeros(self.fsdp_params[id(p)])
+
+    def discard(self) -> None:
+        """Drop this step's unreduced gradients (a skipped step); the clock's windows stay."""
+        for fsdp_param in self.fsdp_params.values():
+            _take_pending(fsdp_param)
+
+    def _reduce_unit(self, unit: FSDPModule) -> int:
+        comm = _param_groups(unit)[0]._reduce_scatter_comm
+        before = comm.bytes
+        unit.set_requires_gradient_sync(True, recurse=False)
+        for group in _param_groups(unit):
+            group.post_backward()
+            group.finalize_backward()
+        unit.set_requires_gradient_sync(False, recurse=False)
+        return comm.bytes - before
 
     def reduce(self, clock: CMSClock, step: int, step_tokens: int) -> tuple[list, dict[str, int]]:
-        sent = {}
-        for g in clock.ticking(step):
-            sent[g.name] = 0
-            for unit in self.units.get(g.name, []):
-                comm = _param_groups(unit)[0]._reduce_scatter_comm
-                before = comm.bytes
-                unit.set_requires_gradient_sync(True, recurse=False)
-                for group in _param_groups(unit):
-                    group.post_backward()
-                    group.finalize_backward()
-                unit.set_requires_gradient_sync(False, recurse=False)
-                sent[g.name] += comm.bytes - before
-        # the window sums are now the ticking units' sharded .grad; the clock hands them on
-        return clock.advance(step, step_tokens), sent
+        ticking = clock.ticking(step)
+        ticks = {g.name for g in ticking}
+        for g in clock.groups:
+            g.window_tokens += step_tokens
+            if g.period == 1:
+                continue
+            for name, p in g.params:
+                fsdp_param, acc = self.fsdp_params[id(p)], clock.acc[name]
+                pending = _take_pending(fsdp_param)
+                if pending is not None:
+                    acc.add_(pending)
+                if g.name in ticks:  # the window sum becomes the reduce-scatter input
+                    fsdp_param.unsharded_accumulated_grad = acc.clone()
+                    acc.zero_()
+        sent = {g.name: sum(self._reduce_unit(unit) for unit in self.units.get(g.name, [])) for g in ticking}
+        return ticking, sent

@@ -27,6 +27,12 @@ class BucketSync:
     def __init__(self, group: dist.ProcessGroup | None = None):
         self.group = group
 
+    def attach(self, clock: CMSClock) -> None:
+        """The clock's own accumulators (shaped like the parameters) are what this sync reduces."""
+
+    def discard(self) -> None:
+        """Nothing to drop: this step's gradients are the parameters' .grad (zero_grad clears them)."""
+
     def reduce(self, clock: CMSClock, step: int, step_tokens: int) -> tuple[list, dict[str, int]]:
         ticking = clock.advance(step, step_tokens)
         sent: dict[str, int] = {}

@@ -12,8 +12,11 @@ Conventions this op fixes where the spec leaves them open (all paths follow them
   between calls carries no chunk phase, so two segments equal one long sequence when the first
   segment's length is a multiple of proj_chunk. The last chunk of a sequence may be short.
 - The PyTorch paths (naive, torch) compute in float32 for 16-bit inputs, outside autocast.
+- proj_chunk must be a multiple of chunk for titans too (where it has no other effect). Packed
+  documents (cu_seqlens) must be non-empty.
 - The chunked path clamps alpha to the dtype's smallest normal number before taking its log, so
-  alpha must be > 0 for it to match the reference exactly (sigmoid outputs are).
+  alpha must be > 0 for it to match the reference exactly (sigmoid outputs are). The values of
+  eta and alpha are not range-checked (that would need a device sync).
 """
 from __future__ import annotations
 
@@ -60,7 +63,8 @@ def hope_memory(
     impl: "naive" (per-token reference), "torch" (chunked PyTorch) or "triton" (kernels.hope_memory.chunk).
     Returns (o (B, T, H, d_h), final MemoryState if output_final_state else None).
     """
-    _check_inputs(q, params, a, k, v, eta, alpha, initial_state, cu_seqlens, chunk, proj_chunk, eta_max, impl)
+    flags = dict(output_final_state=output_final_state, selfgen=selfgen, stopgrad_vhat=stopgrad_vhat)
+    _check_inputs(q, params, a, k, v, eta, alpha, initial_state, cu_seqlens, chunk, proj_chunk, eta_max, impl, flags)
     kwargs = dict(a=a, k=k, v=v, eta=eta, alpha=alpha, initial_state=initial_state,
                   output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk=chunk,
                   proj_chunk=proj_chunk, eta_max=eta_max, selfgen=selfgen, stopgrad_vhat=stopgrad_vhat)
@@ -104,10 +108,13 @@ def _check_absent(name: str, x, why: str) -> None:
 
 
 def _check_inputs(q, params, a, k, v, eta, alpha, initial_state, cu_seqlens, chunk, proj_chunk,
-                  eta_max, impl) -> None:
+                  eta_max, impl, flags: dict) -> None:
     """Every shape, dtype and flag combination, with errors naming the argument."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
     if not isinstance(q, torch.Tensor) or q.dim() != 4 or not q.is_floating_point():
         raise ValueError("q must be a floating-point tensor of shape (B, T, H, d_h)")
     if not isinstance(params, MemoryParams):
@@ -151,7 +158,8 @@ def _check_inputs(q, params, a, k, v, eta, alpha, initial_state, cu_seqlens, chu
         raise ValueError(f"eta_max must be >= 0, got {eta_max!r}")
     n_seq = batch
     if cu_seqlens is not None:
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1
+                or cu_seqlens.dtype not in (torch.int32, torch.int64)):
             raise ValueError("cu_seqlens must be a 1-D int32/int64 tensor of document offsets (N+1,)")
         if batch != 1:
             raise ValueError(f"cu_seqlens needs packed input with B = 1, got B = {batch}")

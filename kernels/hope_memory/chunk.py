@@ -1,15 +1,17 @@
-"""Triton path of the HOPE memory op (HOPE_SPEC section 2): the autograd Function and
-`chunk_hope_memory`, the entry point of `hope_memory(..., impl="triton")`.
+"""Triton path of the HOPE memory op (HOPE_SPEC section 2): `chunk_hope_memory`, the entry
+point of `hope_memory(..., impl="triton")`, with input checks that name the problem.
 
-The recurrence is sequential over chunks and parallel over (document, head, memory): a Python
-loop over chunks launches, at every proj-chunk boundary, `proj_read_fwd_kernel` (k, v, eta, alpha
-of the whole proj-chunk from the projection memories' chunk-start state) and, every chunk,
-`chunk_fwd_kernel` (targets, gradients, WY solve, chunk-end state, M_o's read-out). Packed
-batches (`cu_seqlens`) run as documents: every chunk index is counted from its document's start.
+The op is registered as two torch.library custom ops (`hope_dist::hope_memory_fwd` / `_bwd`,
+joined by register_autograd, which makes the autograd.Function), so torch.compile keeps it
+in the graph as one opaque node. The forward saves only its inputs; the backward recomputes the
+chunk-start states (chunk_fwd.py without the read-out) and runs the chunk loop in reverse
+(chunk_bwd.py). Packed documents (`cu_seqlens`) run as a batch of documents whose chunks are
+counted from each document's start.
 """
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from kernels.hope_memory.chunk_bwd import memory_backward
 from kernels.hope_memory.chunk_fwd import memory_forward
@@ -74,8 +76,9 @@ def _validate(q, params, a, k, v, eta, alpha, initial_state, cu_seqlens, chunk, 
         _check(B == 1, f"with cu_seqlens the batch must be 1 (packed), got B = {B}")
         _check(cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 2 and not cu_seqlens.is_floating_point(),
                "cu_seqlens must be an integer tensor (N + 1,) of document offsets")
-        _check(int(cu_seqlens[0]) == 0 and int(cu_seqlens[-1]) == T and bool((cu_seqlens.diff() >= 0).all()),
-               f"cu_seqlens must rise from 0 to T = {T}, got {cu_seqlens.tolist()}")
+        if not torch.compiler.is_compiling():  # reading the values would break the graph
+            _check(int(cu_seqlens[0]) == 0 and int(cu_seqlens[-1]) == T and bool((cu_seqlens.diff() >= 0).all()),
+                   f"cu_seqlens must rise from 0 to T = {T}, got {cu_seqlens.tolist()}")
         N = cu_seqlens.numel() - 1
     if initial_state is not None:
         _check(initial_state.s1 is None and initial_state.s2 is None,
@@ -88,56 +91,96 @@ def _validate(q, params, a, k, v, eta, alpha, initial_state, cu_seqlens, chunk, 
     return N, depth, DM
 
 
-class HopeMemoryFunction(torch.autograd.Function):
-    """Triton forward and backward. Inputs are the public tensors with the initial state w1/w2
-    already (N, n_mem, H, ., .); returns o, final w1 (None at depth 1), final w2. Saves only the
-    chunk-start states (and selfmod's k, v, eta, alpha): the backward recomputes the rest."""
+def _flat(x):
+    """(B, T, ...) -> contiguous (B * T, ...), the kernels' token layout."""
+    return None if x is None else x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).contiguous()
 
-    @staticmethod
-    def forward(ctx, q, a, k, v, eta, alpha, w1, w2, eta_w, eta_b, alpha_w, alpha_b, cu_seqlens, config):
-        chunk, proj_chunk, eta_max, selfgen, _ = config
-        B, T, H, DH = q.shape
-        if cu_seqlens is None:
-            cu = torch.arange(0, (B + 1) * T, T, device=q.device, dtype=torch.int64)
-        else:
-            cu = cu_seqlens.to(device=q.device, dtype=torch.int64).contiguous()
-        flat = [None if x is None else x.reshape(B * T, *x.shape[2:]).contiguous() for x in (q, a, k, v, eta, alpha)]
-        weights = [None if x is None else x.float().contiguous() for x in (w1, w2, eta_w, eta_b, alpha_w, alpha_b)]
-        o, hist_w1, hist_w2, kvea = memory_forward(
-            *flat, *weights, cu, chunk=chunk, proj_chunk=proj_chunk, eta_max=eta_max, selfgen=selfgen)
-        ctx.save_for_backward(flat[0], flat[1], *kvea, hist_w1, hist_w2, *weights[2:], cu)
-        ctx.config = config
-        ctx.shapes = [None if x is None else (x.shape, x.dtype) for x in (q, a, k, v, eta, alpha, w1, w2,
-                                                                       eta_w, eta_b, alpha_w, alpha_b)]
-        return o.view(B, T, H, DH), None if hist_w1 is None else hist_w1[-1].clone(), hist_w2[-1].clone()
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, do, dw1_final, dw2_final):
-        chunk, proj_chunk, eta_max, selfgen, stopgrad_vhat = ctx.config
-        q, a, k, v, eta, alpha, hist_w1, hist_w2, eta_w, eta_b, alpha_w, alpha_b, cu = ctx.saved_tensors
-        grads = memory_backward(
-            do, dw1_final, dw2_final, q, a, (k, v, eta, alpha), hist_w1, hist_w2, eta_w, eta_b,
-            alpha_w, alpha_b, cu, chunk=chunk, proj_chunk=proj_chunk, eta_max=eta_max,
-            selfgen=selfgen, stopgrad_vhat=stopgrad_vhat)
-        out = [None if g is None or sd is None or not need else g.reshape(sd[0]).to(sd[1])
-               for g, sd, need in zip(grads, ctx.shapes, ctx.needs_input_grad)]
-        return (*out, None, None)
+def _f32(x):
+    return None if x is None else x.float().contiguous()
+
+
+@torch.library.custom_op("hope_dist::hope_memory_fwd", mutates_args=())
+def _forward_op(q: Tensor, a: Tensor | None, k: Tensor | None, v: Tensor | None, eta: Tensor | None,
+                alpha: Tensor | None, w1: Tensor | None, w2: Tensor, eta_w: Tensor | None,
+                eta_b: Tensor | None, alpha_w: Tensor | None, alpha_b: Tensor | None, cu: Tensor,
+                chunk: int, proj_chunk: int, eta_max: float, selfgen: bool,
+                stopgrad_vhat: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """o (B, T, H, d_h) and the float32 final state w1 (empty at depth 1), w2. stopgrad_vhat is
+    only for the backward."""
+    o, hist_w1, hist_w2, _ = memory_forward(
+        *map(_flat, (q, a, k, v, eta, alpha)), *map(_f32, (w1, w2, eta_w, eta_b, alpha_w, alpha_b)), cu,
+        chunk=chunk, proj_chunk=proj_chunk, eta_max=eta_max, selfgen=selfgen)
+    w1_final = w2.new_empty(0, dtype=torch.float32) if hist_w1 is None else hist_w1[-1].clone()
+    return o.view(q.shape), w1_final, hist_w2[-1].clone()
+
+
+@_forward_op.register_fake
+def _(q, a, k, v, eta, alpha, w1, w2, eta_w, eta_b, alpha_w, alpha_b, cu, *config):
+    w1_final = w2.new_empty(0, dtype=torch.float32) if w1 is None else w1.new_empty(w1.shape, dtype=torch.float32)
+    return torch.empty_like(q), w1_final, w2.new_empty(w2.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("hope_dist::hope_memory_bwd", mutates_args=())
+def _backward_op(do: Tensor, dw1_final: Tensor | None, dw2_final: Tensor | None, q: Tensor,
+                 a: Tensor | None, k: Tensor | None, v: Tensor | None, eta: Tensor | None,
+                 alpha: Tensor | None, w1: Tensor | None, w2: Tensor, eta_w: Tensor | None,
+                 eta_b: Tensor | None, alpha_w: Tensor | None, alpha_b: Tensor | None, cu: Tensor,
+                 chunk: int, proj_chunk: int, eta_max: float, selfgen: bool,
+                 stopgrad_vhat: bool) -> list[Tensor]:
+    """Gradients of (q, a, k, v, eta, alpha, w1, w2, eta_w, eta_b, alpha_w, alpha_b) in their
+    dtypes and shapes; an input that is None gets an empty tensor. Recomputes the chunk-start
+    states (one forward without the read-out) instead of saving them."""
+    inputs = (q, a, k, v, eta, alpha, w1, w2, eta_w, eta_b, alpha_w, alpha_b)
+    flat, weights = list(map(_flat, inputs[:6])), list(map(_f32, inputs[6:]))
+    opts = dict(chunk=chunk, proj_chunk=proj_chunk, eta_max=eta_max, selfgen=selfgen)
+    _, hist_w1, hist_w2, kvea = memory_forward(*flat, *weights, cu, readout=False, **opts)
+    grads = memory_backward(
+        do.reshape(flat[0].shape), None if dw1_final is None or w1 is None else dw1_final, dw2_final,
+        flat[0], flat[1], kvea, hist_w1, hist_w2, *weights[2:], cu, stopgrad_vhat=stopgrad_vhat, **opts)
+    return [do.new_empty(0) if x is None else g.reshape(x.shape).to(x.dtype) for g, x in zip(grads, inputs)]
+
+
+@_backward_op.register_fake
+def _(do, dw1_final, dw2_final, q, a, k, v, eta, alpha, w1, w2, eta_w, eta_b, alpha_w, alpha_b, cu, *config):
+    return [do.new_empty(0) if x is None else torch.empty_like(x)
+            for x in (q, a, k, v, eta, alpha, w1, w2, eta_w, eta_b, alpha_w, alpha_b)]
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:13])
+    ctx.config = inputs[13:]
+
+
+def _backward(ctx, do, dw1_final, dw2_final):
+    *tensors, cu = ctx.saved_tensors
+    grads = _backward_op(do, dw1_final, dw2_final, *tensors, cu, *ctx.config)
+    return (*(None if x is None else g for g, x in zip(grads, tensors)), None, *[None] * len(ctx.config))
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def chunk_hope_memory(q, params: MemoryParams, *, a=None, k=None, v=None, eta=None, alpha=None,
                       initial_state: MemoryState | None = None, output_final_state=False,
                       cu_seqlens=None, chunk=64, proj_chunk=64, eta_max=1.0, selfgen=True,
                       stopgrad_vhat=True):
-    """Triton HOPE memory op; same contract as `kernels.hope_memory.hope_memory`."""
-    N, depth, DM = _validate(q, params, a, k, v, eta, alpha, initial_state, cu_seqlens, chunk, proj_chunk)
+    """Triton HOPE memory op; same contract as `kernels.hope_memory.hope_memory` (momentum
+    excepted). The final state is float32 whatever the input dtype."""
+    N, depth, _ = _validate(q, params, a, k, v, eta, alpha, initial_state, cu_seqlens, chunk, proj_chunk)
+    B, T = q.shape[:2]
+    if cu_seqlens is None:
+        cu = torch.arange(0, (B + 1) * T, T, device=q.device, dtype=torch.int64)
+    else:
+        cu = cu_seqlens.to(device=q.device, dtype=torch.int64)
     if initial_state is None:
         w2 = params.w2.unsqueeze(0).expand(N, *params.w2.shape)
         w1 = None if depth == 1 else params.w1.unsqueeze(0).expand(N, *params.w1.shape)
     else:
         w1, w2 = initial_state.w1, initial_state.w2
-    o, w1_final, w2_final = HopeMemoryFunction.apply(
-        q, a, k, v, eta, alpha, w1, w2, params.eta_w, params.eta_b, params.alpha_w, params.alpha_b,
-        cu_seqlens, (chunk, proj_chunk, float(eta_max), bool(selfgen) and a is not None, bool(stopgrad_vhat)))
-    final = MemoryState(w1_final, w2_final) if output_final_state else None
-    return o, final
+    o, w1_final, w2_final = _forward_op(
+        q, a, k, v, eta, alpha, w1, w2, params.eta_w, params.eta_b, params.alpha_w, params.alpha_b, cu,
+        chunk, proj_chunk, float(eta_max), bool(selfgen) and a is not None, bool(stopgrad_vhat))
+    if not output_final_state:
+        return o, None
+    return o, MemoryState(None if depth == 1 else w1_final, w2_final)

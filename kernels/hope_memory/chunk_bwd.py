@@ -67,5 +67,5 @@ def memory_backward(do, dw1_final, dw2_final, q, a, kvea, hist_w1, hist_w2, eta_
             dbias += part_bias.sum((0, 1))
     if selfmod:
         return (dq, da, None, None, None, None, dw1 if depth == 2 else None, dw2,
-                dvec[:, 0], dbias[:, 0], dvec[:, 1], dbias[:, 1])
+                dvec[:, 0].clone(), dbias[:, 0].clone(), dvec[:, 1].clone(), dbias[:, 1].clone())
     return dq, None, dk[0], dv[0], deta[0], dalpha[0], dw1 if depth == 2 else None, dw2, None, None, None, None

@@ -10,11 +10,19 @@ from kernels.hope_memory.triton_fwd import chunk_fwd_kernel
 from kernels.hope_memory.triton_proj import proj_read_fwd_kernel
 
 
+def dot_precision(q: torch.Tensor) -> str:
+    """float32 inputs keep float32-accurate dots (the 1e-4 contract): 3xTF32 on tensor cores on a
+    GPU ("ieee" FMA dots spill badly there), exact under the CPU interpreter; bf16/fp16 inputs
+    use tf32."""
+    if q.dtype != torch.float32:
+        return "tf32"
+    return "tf32x3" if q.is_cuda else "ieee"
+
+
 def kernel_meta(q: torch.Tensor, chunk: int, n_mem: int, depth: int, DM: int) -> dict:
-    """Compile-time constants shared by the forward and backward kernels. float32 inputs keep
-    full-precision dots (the 1e-4 contract); bf16/fp16 inputs use tf32."""
+    """Compile-time constants shared by the forward and backward kernels."""
     return dict(CHUNK=chunk, BC=max(16, triton.next_power_of_2(chunk)), DH=q.shape[-1], DM=DM,
-                DEPTH=depth, N_MEM=n_mem, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                DEPTH=depth, N_MEM=n_mem, PRECISION=dot_precision(q))
 
 
 def n_chunks(cu: torch.Tensor, chunk: int) -> int:
@@ -23,12 +31,13 @@ def n_chunks(cu: torch.Tensor, chunk: int) -> int:
 
 
 def memory_forward(q, a, k, v, eta, alpha, w1, w2, eta_w, eta_b, alpha_w, alpha_b, cu, *,
-                   chunk, proj_chunk, eta_max, selfgen):
+                   chunk, proj_chunk, eta_max, selfgen, readout=True):
     """q, a, k, v: (tokens, H, d_h), eta, alpha: (tokens, H), contiguous (a for selfmod, the
     others for titans); w1/w2: float32 (N, n_mem, H, ., .) initial state; cu: (N + 1,) int64
     offsets of the documents in the token axis. Returns o (tokens, H, d_h), the state history
     (n_chunks + 1, N, n_mem, H, ., .) of every chunk start (the last entry is the final state;
-    hist_w1 is None at depth 1) and the k, v, eta, alpha the memories used (float32 for selfmod)."""
+    hist_w1 is None at depth 1) and the k, v, eta, alpha the memories used (float32 for selfmod).
+    readout=False (the backward's recomputation of the states) skips M_o's read-out: o is None."""
     tokens, H, DH = q.shape
     N, n_mem = w2.shape[:2]
     depth = 1 if w1 is None else 2
@@ -44,7 +53,7 @@ def memory_forward(q, a, k, v, eta, alpha, w1, w2, eta_w, eta_b, alpha_w, alpha_
         v = torch.empty_like(k)
         eta = q.new_empty((tokens, H), dtype=torch.float32)
         alpha = torch.empty_like(eta)
-    o = torch.empty_like(q)
+    o = torch.empty_like(q) if readout else None
     meta = kernel_meta(q, chunk, n_mem, depth, w2.shape[3])
     proj_step = 0
     for step in range(steps):
@@ -56,5 +65,5 @@ def memory_forward(q, a, k, v, eta, alpha, w1, w2, eta_w, eta_b, alpha_w, alpha_
         chunk_fwd_kernel[(N * H, n_mem)](
             k, v, eta, alpha, q, o,
             hist_w1[step], hist_w2[step], hist_w1[proj_step], hist_w2[proj_step],
-            hist_w1[step + 1], hist_w2[step + 1], cu, step, N, H, SELFGEN=selfgen, **meta)
+            hist_w1[step + 1], hist_w2[step + 1], cu, step, N, H, SELFGEN=selfgen, READOUT=readout, **meta)
     return o, hist_w1 if depth == 2 else None, hist_w2, (k, v, eta, alpha)

@@ -188,7 +188,7 @@ def chunk_torch_hope_memory(q, params: MemoryParams, *, a=None, k=None, v=None, 
                             cu_seqlens=None, chunk: int = 64, proj_chunk: int = 64,
                             eta_max: float = 1.0, selfgen: bool = True, stopgrad_vhat: bool = True):
     """Chunked path of `kernels.hope_memory.hope_memory` (same arguments, already validated)."""
-    valid = idx = None
+    valid = None
     if cu_seqlens is not None:
         lens = cu_seqlens[1:] - cu_seqlens[:-1]
         pos = torch.arange(int(lens.max()), device=q.device)

@@ -100,12 +100,12 @@ def chunk_fwd_kernel(
     w1_ptr, w2_ptr, w1c_ptr, w2c_ptr, w1e_ptr, w2e_ptr, cu_ptr,
     step, N, H,
     CHUNK: tl.constexpr, BC: tl.constexpr, DH: tl.constexpr, DM: tl.constexpr,
-    DEPTH: tl.constexpr, N_MEM: tl.constexpr, SELFGEN: tl.constexpr,
+    DEPTH: tl.constexpr, N_MEM: tl.constexpr, SELFGEN: tl.constexpr, READOUT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """w1/w2: chunk-start state (N, N_MEM, H, ...) float32; w1c/w2c: the state the projection
     memories take their gradients at (their proj-chunk start; M_o, the last memory, always uses
-    w1/w2); w1e/w2e: chunk-end state out. o (tokens, H, DH) is written by M_o's programs."""
+    w1/w2); w1e/w2e: chunk-end state out. o (tokens, H, DH) is written by M_o's programs when READOUT."""
     nh = tl.program_id(0)
     m = tl.program_id(1)
     n = nh // H
@@ -134,16 +134,18 @@ def chunk_fwd_kernel(
         w1e = g_end * w1 - tl.dot(tl.trans(r * (eta * to_end)[:, None]), hk, input_precision=PRECISION)
         store_matrix(w1e_ptr + base, w1e, DH, DM)
 
-    if is_o:
-        q = load_tokens(q_ptr, t0, ntok, h, H, BC, DH)
-        decay = masked_exp(lg[:, None] - lg[None, :], rows[None, :] <= rows[:, None])
-        g = tl.exp(lg)[:, None]
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * decay
-        z = g * tl.dot(q, tl.trans(w2), input_precision=PRECISION) - tl.dot(qk, x, input_precision=PRECISION)
-        if DEPTH == 2:
-            p = silu(z)
-            ph = tl.dot(p, tl.trans(hk), input_precision=PRECISION) * decay * eta[None, :]
-            o = q + g * tl.dot(p, tl.trans(w1), input_precision=PRECISION) - tl.dot(ph, r, input_precision=PRECISION)
-        else:
-            o = z
-        store_tokens(o_ptr, o, t0, ntok, h, H, BC, DH)
+    if READOUT:
+        if is_o:
+            q = load_tokens(q_ptr, t0, ntok, h, H, BC, DH)
+            decay = masked_exp(lg[:, None] - lg[None, :], rows[None, :] <= rows[:, None])
+            g = tl.exp(lg)[:, None]
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * decay
+            z = g * tl.dot(q, tl.trans(w2), input_precision=PRECISION) - tl.dot(qk, x, input_precision=PRECISION)
+            if DEPTH == 2:
+                p = silu(z)
+                ph = tl.dot(p, tl.trans(hk), input_precision=PRECISION) * decay * eta[None, :]
+                o = (q + g * tl.dot(p, tl.trans(w1), input_precision=PRECISION)
+                     - tl.dot(ph, r, input_precision=PRECISION))
+            else:
+                o = z
+            store_tokens(o_ptr, o, t0, ntok, h, H, BC, DH)

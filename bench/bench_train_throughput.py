@@ -1,0 +1,58 @@
+"""Training tokens/s of several configs in one run, on the same data and machine.
+
+    python bench/bench_train_throughput.py configs/tiny.yaml configs/tiny_transformer.yaml --steps 30
+
+Each config trains `--steps` optimizer steps through the real Trainer (data pipeline, clocks,
+optimizer) with checkpoints and metrics files off; the first `--warmup` steps are dropped and the
+median step time of the rest gives tokens/s. Prints parameter counts so budgets can be compared.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from hope_dist.config import load_config  # noqa: E402
+from hope_dist.model import count_parameters  # noqa: E402
+from hope_dist.trainer import Trainer  # noqa: E402
+
+
+def measure(config: str, steps: int, warmup: int, overrides: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = load_config(config, [f"--run_dir={run_dir}", f"--training.steps={steps}",
+                                   "--metrics.wandb=false", "--checkpoint.interval=0", *overrides])
+        trainer = Trainer(cfg)
+        times, losses = [], []
+        for _ in range(steps):
+            m = trainer.train_step()
+            times.append(m["step_time_s"])
+            losses.append(m["loss"])
+        step_time = statistics.median(times[warmup:])
+        tokens = cfg.training.global_batch * cfg.training.seq_len
+        return {"config": config, "params": count_parameters(trainer.model)["total"],
+                "step_s": step_time, "tokens_per_s": tokens / step_time, "last_loss": losses[-1]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("configs", nargs="+")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args, overrides = parser.parse_known_args()
+    torch.set_num_threads(args.threads)
+    rows = [measure(c, args.steps, args.warmup, overrides) for c in args.configs]
+    print(f"{'config':<34} {'params':>10} {'step (s)':>9} {'tokens/s':>9} {'ratio':>6} {'loss@end':>9}")
+    for r in rows:
+        print(f"{r['config']:<34} {r['params']:>10,} {r['step_s']:>9.3f} {r['tokens_per_s']:>9.0f} "
+              f"{r['tokens_per_s'] / rows[0]['tokens_per_s']:>6.2f} {r['last_loss']:>9.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Faults: stop signals in the trainer; in a real SLURM job a killed rank, an injected non-finite
+loss and torchrun restarts."""
+import math
+import os
+import re
+import signal
+import threading
+import time
+
+import pytest
+
+from conftest import tiny_overrides
+from hope_dist.checkpoint import committed_steps
+from hope_dist.config import load_config
+from hope_dist.trainer import Trainer
+from slurm_jobs import STEPS, cluster, job_log, kill_rank, metrics, slurm, submit, wait_for_step  # noqa: F401
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_stop_signal_saves_at_a_step_boundary_and_resume_finishes(random_dataset, tmp_path, sig):
+    """In one process: the signal arrives mid-run (from another thread, as from SLURM), the
+    trainer saves a committed checkpoint at the next step, writes PREEMPTED and returns; a new
+    trainer resumes there without flags and finishes."""
+    run_dir = tmp_path / "run"
+    cfg = load_config(None, tiny_overrides(*random_dataset, run_dir, **{"training.steps": 400,
+                                                                        "checkpoint.interval": 2}))
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def send_when_running():
+        while len(metrics(run_dir)) < 3:
+            time.sleep(0.01)
+        os.kill(os.getpid(), sig)
+
+    sender = threading.Thread(target=send_when_running, daemon=True)
+    try:
+        sender.start()
+        trainer = Trainer(cfg)
+        trainer.train()
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    stopped = trainer.step
+    assert 3 <= stopped < 400
+    assert (run_dir / "PREEMPTED").read_text().split() == [sig.name, str(stopped)]
+    assert committed_steps(run_dir / "checkpoints")[-1] == stopped and not (run_dir / "COMPLETE").exists()
+    resumed = Trainer(load_config(None, tiny_overrides(*random_dataset, run_dir, **{"training.steps": stopped + 2})))
+    resumed.train()
+    assert [r["step"] for r in metrics(run_dir)] == list(range(stopped + 2))
+    assert (run_dir / "COMPLETE").exists() and not (run_dir / "PREEMPTED").exists()
+
+
+@pytest.mark.slow
+def test_killed_rank_ends_the_job_naming_the_rank(slurm, random_dataset, tmp_path):  # noqa: F811
+    run_dir = tmp_path / "run"
+    job = submit(slurm, random_dataset, run_dir, tag="kill")
+    wait_for_step(slurm, job, run_dir, step=2)
+    killed_at = time.monotonic()
+    kill_rank("kill", rank=1)
+    info = slurm.wait(job, timeout=60)
+    elapsed = time.monotonic() - killed_at
+    log = job_log(run_dir)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", (info, log)
+    assert elapsed < 60
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s+exitcode\s*: -9", log), log[-3000:]
+    assert "Signal 9 (SIGKILL)" in log
+    assert "not requeueing" in log and info["Restarts"] == "0"
+    assert not (run_dir / "COMPLETE").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_injected_nonfinite_loss_follows_the_policy(slurm, random_dataset, tmp_path, policy):  # noqa: F811
+    """The last rank's loss turns NaN at step 5; the all-reduced loss carries it to every rank."""
+    run_dir = tmp_path / "run"
+    job = submit(slurm, random_dataset, run_dir, tag=f"nan-{policy}", env={"HOPE_INJECT_NONFINITE_STEP": "5"},
+                 **{"training.steps": 8, "training.nonfinite": policy, "checkpoint.interval": 4})
+    info = slurm.wait(job, timeout=180)
+    log = job_log(run_dir)
+    rows = metrics(run_dir)
+    if policy == "stop":
+        assert info["JobState"] == "FAILED", log
+        assert "FloatingPointError: non-finite loss (nan) at step 5" in log, log[-3000:]
+        assert "[rank 0 of 2, step 5]" in log and "[rank 1 of 2, step 5]" in log
+        assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+        assert (run_dir / "checkpoints" / "step-4" / "COMMITTED").exists()
+        assert not (run_dir / "COMPLETE").exists()
+    else:
+        assert info["JobState"] == "COMPLETED", log
+        assert "step 5: non-finite loss, update skipped (training.nonfinite=skip)" in log
+        assert [r["step"] for r in rows] == list(range(8))
+        assert rows[5]["skipped_nonfinite"] and math.isnan(rows[5]["loss"])
+        assert all(math.isfinite(r["loss"]) and not r.get("skipped_nonfinite") for i, r in enumerate(rows) if i != 5)
+
+
+@pytest.mark.slow
+def test_max_restarts_resumes_from_the_newest_checkpoint(slurm, random_dataset, tmp_path):  # noqa: F811
+    """torchrun restarts the workers after a rank dies; they resume from the newest committed
+    checkpoint and redo the lost steps bit for bit."""
+    run_dir = tmp_path / "run"
+    job = submit(slurm, random_dataset, run_dir, tag="restart", env={"HOPE_MAX_RESTARTS": "1"},
+                 **{"checkpoint.interval": 5, "checkpoint.keep_last": 10})
+    wait_for_step(slurm, job, run_dir, step=6)
+    kill_rank("restart", rank=1)
+    info = slurm.wait(job, timeout=180)
+    log = job_log(run_dir)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", log
+    resumed = re.search(r"resumed from \S+/step-(\d+) at step (\d+)", log)
+    assert resumed, log[-3000:]
+    step = int(resumed.group(1))
+    assert step >= 5 and step % 5 == 0
+    rows = metrics(run_dir)
+    split = next(i for i in range(1, len(rows)) if rows[i]["step"] <= rows[i - 1]["step"])
+    first, redone = rows[:split], rows[split:]
+    assert [r["step"] for r in first] == list(range(split)) and step <= split
+    assert [r["step"] for r in redone] == list(range(step, STEPS))
+    assert [r["loss"] for r in first[step:]] == [r["loss"] for r in redone[: split - step]]
+    assert (run_dir / "COMPLETE").read_text().strip() == str(STEPS)
