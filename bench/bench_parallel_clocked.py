@@ -48,8 +48,10 @@ def torchrun(args: list[str], ns: str | None, ifname: str | None, endpoint: str,
     if ifname:
         env["GLOO_SOCKET_IFNAME"] = ifname
     prefix = ["ip", "netns", "exec", ns] if ns else []
+    # the endpoint's address is on a veth, not the hostname: tell the first host it hosts the store
     nodes = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
-             "--rdzv-id=hope-clocked"] if ns else ["--standalone", "--nproc_per_node=1"]
+             "--rdzv-id=hope-clocked", f"--rdzv-conf=is_host={int(ns.endswith('0'))}"] if ns else \
+        ["--standalone", "--nproc_per_node=1"]
     cmd = [*prefix, sys.executable, "-m", "torch.distributed.run", *nodes, "hope_dist/pretrain.py", *args]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 

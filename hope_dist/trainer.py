@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import yaml
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_model_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 
 from hope_dist.checkpoint import (Checkpointer, check_model_config, clock_for_dp_rank, committed_steps,
                                   read_meta, stored_keys, verify_distributed)
@@ -38,6 +39,11 @@ from hope_dist.parallel.grad_sync import clip_grad_norm_
 from hope_dist.parallel.mesh import build_mesh, check_world_size
 from hope_dist.parallel.parallelize import parallelize
 from hope_dist.parallel.tensor_parallel import loss_context
+
+
+# Optimizer state and param-group settings keyed by parameter name, not group index: pipeline
+# stages hold different groups under the same index, and checkpoints must not depend on that.
+OPTIM_BY_NAME = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
@@ -110,7 +116,7 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self._stop_signal: str | None = None
-        # Fault-test hook: the last rank's loss becomes NaN at this step (docs/launch.md).
+        # Fault-test hook: the last data-parallel replica's loss turns NaN at this step (docs/launch.md).
         self._inject_nonfinite_step = int(os.environ.get("HOPE_INJECT_NONFINITE_STEP", "-1"))
 
     # ------------------------------------------------------------------ setup
@@ -144,7 +150,7 @@ class Trainer:
     def _state(self) -> dict:
         """The full training state as a DCP state dict. Rank-specific entries are keyed by rank
         (DCP dedups replicated entries by key); the LR schedule is a function of the step."""
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=OPTIM_BY_NAME)
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
@@ -190,7 +196,7 @@ class Trainer:
             state.pop("rng")
         self.ckpt.load(path, state)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
+                       optim_state_dict=state["optim"], options=OPTIM_BY_NAME)
         saved_clock = [state["clock"][f"dp{r}"] for r in range(saved_dp)]
         self.clock.load_state_dict(saved_clock[self.dp_rank] if saved_dp == self.dp_size
                                    else clock_for_dp_rank(saved_clock, self.dp_rank))
@@ -232,8 +238,8 @@ class Trainer:
         with loss_context(self.parallel.tp_mesh):
             for tok, lab in zip(tokens.split(cfg.training.micro_batch), labels.split(cfg.training.micro_batch)):
                 loss_sum += self._loss_and_backward(tok, lab)
-        if self.step == self._inject_nonfinite_step and self.rank == self.world - 1:
-            loss_sum = loss_sum + float("nan")
+        if self.step == self._inject_nonfinite_step and self.dp_rank == self.dp_size - 1:
+            loss_sum = loss_sum + float("nan")  # on all tp/pp ranks of it, as a real NaN would be
         stats = torch.stack([loss_sum.double(), torch.tensor(float(labels.numel()), dtype=torch.float64,
                                                              device=self.device)])
         if self.dp_group is not None:

@@ -29,8 +29,8 @@ hope_parse_args() {
     HOPE_ARGS+=("${HOPE_USER_ARGS[@]}")
 }
 
-# HOPE_NPROC, HOPE_CPUS, HOPE_WORLD, HOPE_TORCHRUN and HOPE_SRUN from the allocation (or, before submission,
-# from the HOPE_* variables and the script's #SBATCH defaults).
+# HOPE_NPROC, HOPE_CPUS, HOPE_WORLD, HOPE_TORCHRUN and HOPE_SRUN from the allocation (or, before
+# submission, from the HOPE_* variables and the script's #SBATCH defaults).
 hope_plan() {
     local nnodes=${SLURM_JOB_NUM_NODES:-${HOPE_NNODES:-$(hope_header nodes)}}
     local gpus=${SLURM_GPUS_ON_NODE:-${HOPE_GPUS_PER_NODE:-$(hope_header gpus-per-node)}}
@@ -166,6 +166,11 @@ hope_run_job() {
     if [[ -f $RUN_DIR/PREEMPTED && $HOPE_GOT_TERM == 0 && ${HOPE_REQUEUE:-1} == 1 ]]; then
         echo "launch: training stopped for requeue ($(cat "$RUN_DIR/PREEMPTED")); requeueing job $SLURM_JOB_ID"
         scontrol requeue "$SLURM_JOB_ID"
+        exit 0
+    fi
+    if [[ -f $RUN_DIR/PREEMPTED ]]; then
+        echo "launch: training stopped with a checkpoint ($(cat "$RUN_DIR/PREEMPTED")); not requeued" \
+             "(SIGTERM or HOPE_REQUEUE=0): submit again to resume"
         exit 0
     fi
     echo "launch: training ended without finishing (srun exit $rc); not requeueing" >&2

@@ -4,6 +4,7 @@
 # later); the training processes install their own handler and stop together at one step.
 # Triton's cache is node-local so that compiles never race on a shared filesystem.
 trap '' USR1
-export TRITON_CACHE_DIR="${HOPE_CACHE_ROOT:-/tmp/hope-${USER:-$(id -un)}}/triton-${SLURM_JOB_ID:-local}-${SLURMD_NODENAME:-$(hostname)}"
+cache_root=${HOPE_CACHE_ROOT:-/tmp/hope-${USER:-$(id -un)}}
+export TRITON_CACHE_DIR="$cache_root/triton-${SLURM_JOB_ID:-local}-${SLURMD_NODENAME:-$(hostname)}"
 mkdir -p "$TRITON_CACHE_DIR"
 exec "$@"

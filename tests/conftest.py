@@ -9,6 +9,8 @@ import pytest
 import torch
 
 os.environ.setdefault("WANDB_MODE", "disabled")
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CPU; must precede their import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(1)
 
 

@@ -1,5 +1,6 @@
 """Checkpoints across real multi-process layouts (torchrun, gloo on CPU): bit-exact resume under
-data parallelism, and loading a dp=2 checkpoint under dp=1 (clock window sums folded)."""
+(dp=2, tp=2) with async saves and under pp=2; a (dp=2, tp=2) checkpoint resumed under dp=1 (clock
+window sums folded) and loaded under pp=2 (identical logits)."""
 import json
 import os
 import shutil
@@ -33,23 +34,12 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows}
 
 
-@pytest.fixture(scope="module")
-def dp2_run(random_dataset, tmp_path_factory):
-    """6 steps on 2 data-parallel ranks, async saves at steps 3 (between ticks) and 6."""
-    prefix, vocab, eod = random_dataset
-    run_dir = tmp_path_factory.mktemp("dp2")
-    extra = {"training.steps": 6, "checkpoint.interval": 3, "parallel.dp_replicate": 2,
-             "checkpoint.async_save": True}
-    torchrun(2, tiny_overrides(prefix, vocab, eod, run_dir, **extra))
-    return run_dir, extra
-
-
-def test_dp2_resume_is_bit_exact(random_dataset, tmp_path, dp2_run):
-    run_dir, extra = dp2_run
-    prefix, vocab, eod = random_dataset
-    (tmp_path / "checkpoints").mkdir()
+def resume_matches(run_dir: Path, tmp_path: Path, nproc: int, args: list[str]) -> None:
+    """Copy the run's step-3 checkpoint into a new run, resume it with the same layout, and check
+    losses and final parameters against the uninterrupted run, bit for bit."""
+    (tmp_path / "checkpoints").mkdir(parents=True)
     shutil.copytree(run_dir / "checkpoints" / "step-3", tmp_path / "checkpoints" / "step-3")
-    torchrun(2, tiny_overrides(prefix, vocab, eod, tmp_path, **extra))
+    torchrun(nproc, args)
     ref, got = losses(run_dir), losses(tmp_path)
     assert sorted(got) == [3, 4, 5] and all(got[s] == ref[s] for s in got), (got, ref)
     a, b = read_model(run_dir / "checkpoints" / "step-6"), read_model(tmp_path / "checkpoints" / "step-6")
@@ -57,12 +47,38 @@ def test_dp2_resume_is_bit_exact(random_dataset, tmp_path, dp2_run):
         assert torch.equal(a[name], b[name]), name
 
 
-def test_dp2_checkpoint_loads_under_dp1(random_dataset, tmp_path, dp2_run):
-    """Model and optimizer load unchanged; the two ranks' pending window sums land, added, on the
-    single rank; training goes on as the dp=2 run did (to float32 reassociation of the sums)."""
-    run_dir, _ = dp2_run
+MESH = {"training.steps": 6, "checkpoint.interval": 3, "parallel.dp_replicate": 2, "parallel.tp": 2,
+        "checkpoint.async_save": True}
+PP2 = {"training.steps": 6, "checkpoint.interval": 3, "parallel.pp": 2, "parallel.microbatches": 2}
+
+
+@pytest.fixture(scope="module")
+def mesh_run(random_dataset, tmp_path_factory):
+    """6 steps under (dp=2, tp=2) on 4 ranks, async saves at steps 3 (between ticks) and 6."""
     prefix, vocab, eod = random_dataset
-    step3 = run_dir / "checkpoints" / "step-3"
+    run_dir = tmp_path_factory.mktemp("mesh")
+    torchrun(4, tiny_overrides(prefix, vocab, eod, run_dir, **MESH))
+    return run_dir
+
+
+def test_mesh_dp2_tp2_resume_is_bit_exact(random_dataset, tmp_path, mesh_run):
+    prefix, vocab, eod = random_dataset
+    resume_matches(mesh_run, tmp_path, 4, tiny_overrides(prefix, vocab, eod, tmp_path, **MESH))
+
+
+def test_pp2_resume_is_bit_exact(random_dataset, tmp_path):
+    prefix, vocab, eod = random_dataset
+    full = tmp_path / "full"
+    torchrun(2, tiny_overrides(prefix, vocab, eod, full, **PP2))
+    resumed = tmp_path / "resumed"
+    resume_matches(full, resumed, 2, tiny_overrides(prefix, vocab, eod, resumed, **PP2))
+
+
+def test_mesh_checkpoint_resumes_under_dp1(random_dataset, tmp_path, mesh_run):
+    """Model and optimizer load unchanged; the two dp ranks' pending window sums land, added, on
+    the single rank; training goes on as under (dp=2, tp=2), to float32 reassociation."""
+    prefix, vocab, eod = random_dataset
+    step3 = mesh_run / "checkpoints" / "step-3"
     trainer = Trainer(load_config(None, tiny_overrides(prefix, vocab, eod, tmp_path, **{
         "training.steps": 6, "checkpoint.interval": 3, "checkpoint.resume": str(step3)})))
     trainer.maybe_resume()
@@ -74,7 +90,7 @@ def test_dp2_checkpoint_loads_under_dp1(random_dataset, tmp_path, dp2_run):
         total = saved[f"clock.dp0.acc.{name}"] + saved[f"clock.dp1.acc.{name}"]
         assert saved[f"clock.dp1.acc.{name}"].abs().sum() > 0 and torch.equal(acc, total), name
     trainer.train()
-    ref, got = losses(run_dir), losses(tmp_path)
+    ref, got = losses(mesh_run), losses(tmp_path)
     for s in (3, 4, 5):
         assert got[s] == pytest.approx(ref[s], rel=1e-5), (s, got[s], ref[s])
 
@@ -129,25 +145,17 @@ def run_layout_logits(nproc: int, ckpt: Path, overrides: list[str], out: Path) -
     return torch.load(out)
 
 
-def test_dp2_checkpoint_gives_identical_logits_under_pp2_and_tp2(random_dataset, tmp_path, dp2_run):
-    """The model saved under dp=2 loads under pp=2 (bit for bit the single-process logits) and
-    tp=2 (equal to float32 rounding: row-parallel layers sum partial products in another order)."""
-    run_dir, _ = dp2_run
+def test_mesh_checkpoint_gives_identical_logits_under_dp1_and_pp2(random_dataset, tmp_path, mesh_run):
+    """Saved under (dp=2, tp=2): loaded whole by one process and under pp=2, bit for bit."""
     prefix, vocab, eod = random_dataset
-    step6 = run_dir / "checkpoints" / "step-6"
-    from hope_dist.model import build_model
-
-    cfg = load_config(None, tiny_overrides(prefix, vocab, eod, tmp_path))
-    model = build_model(cfg.model)
-    model.load_state_dict(read_model(step6))
+    step6 = mesh_run / "checkpoints" / "step-6"
+    trainer = Trainer(load_config(None, tiny_overrides(prefix, vocab, eod, tmp_path, **{
+        "checkpoint.resume": str(step6)})))
+    trainer.maybe_resume()
     with torch.no_grad():
-        ref = model(fixed_tokens())
-    pp2 = run_layout_logits(2, step6, tiny_overrides(prefix, vocab, eod, tmp_path, **{"parallel.pp": 2, "parallel.microbatches": 2}),
-                            tmp_path / "pp2.pt")
+        ref = trainer.model(fixed_tokens())
+    pp2 = run_layout_logits(2, step6, tiny_overrides(prefix, vocab, eod, tmp_path, **PP2), tmp_path / "pp2.pt")
     assert torch.equal(pp2, ref)
-    tp2 = run_layout_logits(2, step6, tiny_overrides(prefix, vocab, eod, tmp_path, **{"parallel.tp": 2}),
-                            tmp_path / "tp2.pt")
-    torch.testing.assert_close(tp2, ref, rtol=0, atol=1e-5)
 
 
 if __name__ == "__main__":

@@ -70,7 +70,8 @@ def test_killed_rank_ends_the_job_naming_the_rank(slurm, random_dataset, tmp_pat
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_injected_nonfinite_loss_follows_the_policy(slurm, random_dataset, tmp_path, policy):  # noqa: F811
-    """The last rank's loss turns NaN at step 5; the all-reduced loss carries it to every rank."""
+    """Rank 1's loss (the last replica's) turns NaN at step 5; the all-reduced loss carries it to
+    every rank."""
     run_dir = tmp_path / "run"
     job = submit(slurm, random_dataset, run_dir, tag=f"nan-{policy}", env={"HOPE_INJECT_NONFINITE_STEP": "5"},
                  **{"training.steps": 8, "training.nonfinite": policy, "checkpoint.interval": 4})

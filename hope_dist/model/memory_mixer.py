@@ -7,6 +7,7 @@ The head count is read from the parameters' shapes at run time, so a tensor-para
 that hands this module only its own heads needs no change here.
 
 Choices the spec leaves open (tested in tests/test_model.py):
+- q (and titans' k, v) are normalised with the op's own l2norm (x / sqrt(|x|^2 + 1e-6)).
 - titans: k and v pass the same causal conv + SiLU as q, then L2 norm; eta and alpha are
   sigmoid read-outs of x (eta scaled by eta_max).
 - Initial memories: W2 ~ N(0, 1/d_h) and W1 ~ N(0, init_std) (depth 2: M starts near the
@@ -26,7 +27,7 @@ from hope_dist.config import ModelConfig
 from hope_dist.model.conv import CausalConv
 from hope_dist.model.norms import RMSNorm
 from hope_dist.model.segments import Segments
-from kernels.hope_memory import hope_memory
+from kernels.hope_memory import hope_memory, l2norm
 from kernels.hope_memory.types import MemoryParams
 
 
@@ -101,9 +102,11 @@ class MemoryMixer(nn.Module):
         return MemoryParams(self.mem_w1, self.mem_w2, gamma=self.gamma)
 
     def _kernel(self, device: torch.device) -> str:
+        """auto: Triton on CUDA, the chunked PyTorch path on CPU and with momentum (which the
+        Triton kernels leave to the PyTorch paths)."""
         if self.cfg.kernel != "auto":
             return self.cfg.kernel
-        return "triton" if device.type == "cuda" else "torch"
+        return "triton" if device.type == "cuda" and self.gamma is None else "torch"
 
     def forward(self, x: torch.Tensor, segs: Segments | None = None, state: dict | None = None,
                 return_state: bool = False) -> tuple[torch.Tensor, dict | None]:
@@ -118,14 +121,14 @@ class MemoryMixer(nn.Module):
         for name, conv in self.conv.items():
             y, new_conv[name] = conv(self.proj[name](x), seg, conv_cache.get(name))
             feats[name] = F.silu(y).view(B, T, -1, dh)
-        q = F.normalize(feats["q"], dim=-1)
+        q = l2norm(feats["q"])
         kwargs = {}
         if self.selfmod:
             kwargs["a"] = feats["a"]
         else:
             dt = torch.promote_types(x.dtype, torch.float32)
             eta_logit, alpha_logit = (self.rates[name](x).to(dt) for name in ("eta", "alpha"))
-            kwargs.update(k=F.normalize(feats["k"], dim=-1), v=F.normalize(feats["v"], dim=-1),
+            kwargs.update(k=l2norm(feats["k"]), v=l2norm(feats["v"]),
                           eta=self.cfg.eta_max * torch.sigmoid(eta_logit),
                           alpha=torch.sigmoid(alpha_logit))
         o, mem_state = self._run_memory(q, kwargs, segs, state, return_state)

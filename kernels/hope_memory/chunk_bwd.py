@@ -1,5 +1,5 @@
 """Backward driver of the Triton HOPE memory op: the chunk loop in reverse. Each chunk's kernel
-recomputes that chunk from its saved chunk-start state and turns the gradient of its end state
+recomputes that chunk from its chunk-start state (recomputed by the caller) and turns the gradient of its end state
 into the gradient of its start state; at every proj-chunk start the projection-read kernel
 turns the chunk kernels' k, v, eta, alpha gradients into gradients of a, of the projection
 memories' state and of eta_w/eta_b/alpha_w/alpha_b."""
