@@ -8,7 +8,8 @@ every reduced byte is a gradient) and trains the same model twice: CMS periods 1
 all periods 1. The model is CMS-heavy (4 levels of width 2048 at d = 256) so communication
 dominates. Reports the median step time of both, the measured bytes per step, and the
 communication-bound ideal ratio (mean bytes all-1 / mean bytes clocked) next to the measured
-step-time ratio. One more run on a single rank gives the compute-only step time.
+step-time ratio. One more run on a single rank with the same per-rank batch (one sequence) gives
+the compute-only step time, from which the communication-time ratio follows.
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ from bench_parallel_layouts import write_dataset  # noqa: E402
 
 LINK = ROOT / "bench" / "netns_link.sh"
 MODEL = {"model.vocab_size": 256, "model.d_model": 256, "model.n_layers": 2, "model.n_heads": 4,
-         "model.chunk": 32, "model.proj_chunk": 64, "training.seq_len": 64, "training.global_batch": 2,
-         "training.micro_batch": 1, "optim.warmup_steps": 4}
+         "model.chunk": 32, "model.proj_chunk": 32, "training.seq_len": 32, "training.micro_batch": 1,
+         "optim.warmup_steps": 4}
 
 
 def cms(periods: tuple[int, ...]) -> str:
@@ -39,7 +40,7 @@ def cms(periods: tuple[int, ...]) -> str:
 def job(run_dir: Path, data: Path, steps: int, periods, world: int) -> list[str]:
     o = {"run_dir": run_dir, "data.paths": f"[{data}]", "data.eod_id": 0, "metrics.wandb": False,
          "metrics.progress": False, "checkpoint.interval": 0, "training.steps": steps,
-         "parallel.dp_replicate": world, "model.cms": cms(periods), **MODEL}
+         **MODEL, "parallel.dp_replicate": world, "training.global_batch": world, "model.cms": cms(periods)}
     return [f"--{k}={v}" for k, v in o.items()]
 
 
@@ -48,10 +49,11 @@ def torchrun(args: list[str], ns: str | None, ifname: str | None, endpoint: str,
     if ifname:
         env["GLOO_SOCKET_IFNAME"] = ifname
     prefix = ["ip", "netns", "exec", ns] if ns else []
-    # the endpoint's address is on a veth, not the hostname: tell the first host it hosts the store
+    # the hosts' addresses are on the veth, not their hostname: say which one hosts the store and
+    # which address each advertises to the workers
     nodes = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
-             "--rdzv-id=hope-clocked", f"--rdzv-conf=is_host={int(ns.endswith('0'))}"] if ns else \
-        ["--standalone", "--nproc_per_node=1"]
+             "--rdzv-id=hope-clocked", f"--rdzv-conf=is_host={int(ns.endswith('0'))}",
+             f"--local-addr=10.77.0.{int(ns[-1]) + 1}"] if ns else ["--standalone", "--nproc_per_node=1"]
     cmd = [*prefix, sys.executable, "-m", "torch.distributed.run", *nodes, "hope_dist/pretrain.py", *args]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 

@@ -23,15 +23,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SIZES = {  # model + batch overrides; 50m: d 512, 8 layers, 4 CMS levels of width 1536, 8k vocab
+SIZES = {  # model + batch overrides; 50m: d 512, 8 layers, 4 CMS levels of width 640, 8k vocab (51M)
     "tiny": {"model.vocab_size": 512, "model.d_model": 64, "model.n_layers": 2, "model.n_heads": 4,
              "model.chunk": 16, "model.proj_chunk": 32, "training.seq_len": 128,
              "model.cms": "[{width: 64, period: 1}, {width: 64, period: 4}, {width: 64, period: 16}, "
                           "{width: 64, period: 64}]"},
     "50m": {"model.vocab_size": 8192, "model.d_model": 512, "model.n_layers": 8, "model.n_heads": 8,
-            "model.chunk": 32, "model.proj_chunk": 64, "training.seq_len": 128,
-            "model.cms": "[{width: 1536, period: 1}, {width: 1536, period: 4}, {width: 1536, period: 16}, "
-                         "{width: 1536, period: 64}]"},
+            "model.chunk": 32, "model.proj_chunk": 64, "training.seq_len": 64,
+            "model.cms": "[{width: 640, period: 1}, {width: 640, period: 4}, {width: 640, period: 16}, "
+                         "{width: 640, period: 64}]"},
 }
 
 

@@ -44,7 +44,7 @@ def _encode_line(line: bytes):
     return _tok.encode(text, add_special_tokens=False).ids, len(line)
 
 
-def megatron_style(corpus: str, tokenizer: str, prefix: str, workers: int) -> tuple[int, int]:
+def megatron_style(corpus: str, tokenizer: str, prefix: str, workers: int) -> None:
     """preprocess_data.py's shape: Pool.imap over lines, one document per call, builder writes."""
     import torch
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
@@ -52,15 +52,11 @@ def megatron_style(corpus: str, tokenizer: str, prefix: str, workers: int) -> tu
     _init(tokenizer)
     eod = _tok.token_to_id("<|endoftext|>")
     builder = IndexedDatasetBuilder(prefix + ".bin", dtype=DType.optimal_dtype(_tok.get_vocab_size()))
-    tokens = docs = 0
     with open(corpus, "rb") as f, mp.get_context("fork").Pool(workers, _init, (tokenizer,)) as pool:
         for ids, _ in pool.imap(_encode_line, f, chunksize=25):
             ids.append(eod)
             builder.add_document(torch.tensor(ids), [len(ids)])
-            tokens += len(ids)
-            docs += 1
     builder.finalize(prefix + ".idx")
-    return docs, tokens
 
 
 def cpu_seconds() -> float:
@@ -93,7 +89,7 @@ def engine_ceiling(corpus: str, tokenizer: str, mb: float) -> dict:
             size += len(texts[-1].encode())
             if size >= mb * 1e6:
                 break
-    fast = load_encoder(tokenizer, "tiktoken")
+    fast = load_encoder(tokenizer, "tiktoken")  # raises unless tiktoken can run it
     out = {}
     for name, fn in [("tokenizers", fast.reference.encode_batch),
                      ("tiktoken raw", lambda b: [fast.enc.encode_ordinary(t) for t in b]),
@@ -111,6 +107,8 @@ def main() -> int:
     p.add_argument("--max-mb", type=float, default=1000, help="corpus cap (all available by default)")
     p.add_argument("--vocab-size", type=int, default=32768)
     p.add_argument("--ceiling-mb", type=float, default=20)
+    p.add_argument("--only", default="megatron,auto,tokenizers",
+                   help="pipelines to (re)measure; the others are taken from WORKDIR/results.json")
     args = p.parse_args()
     w = args.workdir
     os.makedirs(w, exist_ok=True)
@@ -131,38 +129,49 @@ def main() -> int:
 
     import megatron.core.datasets.indexed_dataset  # noqa: F401  (import time is not throughput)
 
-    print("| pipeline | workers | wall s | MB/s | tokens/s | vs megatron-style | CPU s "
-          "| tokens per CPU-s | vs megatron-style (CPU) | load avg |")
-    print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
-    base, first, walls = {}, None, {}
-    pipelines = [("megatron-style", None), ("data_prep.tokenize --engine auto", "auto"),
-                 ("data_prep.tokenize --engine tokenizers", "tokenizers")]
-    for name, engine in pipelines:
+    from data_prep.megatron_format import read_index
+
+    store = os.path.join(w, "results.json")
+    results = json.load(open(store)) if os.path.exists(store) else {}
+    pipelines = {"megatron": "megatron-style", "auto": "data_prep.tokenize --engine auto",
+                 "tokenizers": "data_prep.tokenize --engine tokenizers"}
+    for key in args.only.split(","):
         for workers in (1, 2):
-            prefix = os.path.join(w, f"{engine or 'megatron'}_w{workers}")
+            prefix = os.path.join(w, f"{key}_w{workers}")
             for suffix in (".bin", ".idx", ".done"):
                 if os.path.exists(prefix + suffix):
                     os.remove(prefix + suffix)
-            if engine is None:
-                counts = []
-                wall, cpu = timed(lambda: counts.extend(megatron_style(corpus, tok, prefix, workers)))
-                docs, tokens = counts
-                base[workers] = (wall, cpu)
+            if key == "megatron":
+                wall, cpu = timed(lambda: megatron_style(corpus, tok, prefix, workers))
             else:
                 wall, cpu = timed(lambda: run([
                     py, "-m", "data_prep.tokenize", "--input", corpus, "--tokenizer", tok,
-                    "--output-prefix", prefix, "--workers", str(workers), "--engine", engine]))
-            first = first or prefix
-            for suffix in (".bin", ".idx"):  # every pipeline writes the very same bytes
-                assert filecmp.cmp(first + suffix, prefix + suffix, shallow=False), prefix + suffix
-            walls[name, workers] = wall
-            print(f"| {name} | {workers} | {wall:.1f} | {mb / wall:.2f} | {tokens / wall:,.0f} | "
-                  f"{base[workers][0] / wall:.2f}x | {cpu:.1f} | {tokens / cpu:,.0f} | "
-                  f"{base[workers][1] / cpu:.2f}x | {os.getloadavg()[0]:.1f} |", flush=True)
-    print(f"\nall outputs byte-identical: {docs:,} documents, {tokens:,} tokens")
-    for name, _ in pipelines:
-        print(f"scaling 1 -> 2 workers (wall), {name}: "
-              f"{walls[name, 1] / walls[name, 2]:.2f}x")
+                    "--output-prefix", prefix, "--workers", str(workers), "--engine", key]))
+            results[f"{key}|{workers}"] = {"wall": wall, "cpu": cpu, "load": os.getloadavg()[0],
+                                           "tokens": read_index(prefix).num_tokens}
+            print(f"{pipelines[key]}, {workers} workers: {wall:.1f} s wall, {cpu:.1f} CPU s",
+                  flush=True)
+            with open(store, "w") as f:
+                json.dump(results, f, indent=1)
+    outputs = [os.path.join(w, f"{k}_w{n}") for k in pipelines for n in (1, 2)]
+    for prefix in outputs:  # every pipeline wrote the very same bytes
+        for suffix in (".bin", ".idx"):
+            assert filecmp.cmp(outputs[0] + suffix, prefix + suffix, shallow=False), prefix + suffix
+    tokens = results["megatron|1"]["tokens"]
+    print(f"\nall {len(outputs)} outputs byte-identical: {tokens:,} tokens\n")
+    print("| pipeline | workers | wall s | MB/s | tokens/s | vs megatron-style | CPU s "
+          "| tokens per CPU-s | vs megatron-style (CPU) | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for key, name in pipelines.items():
+        for n in (1, 2):
+            r, b = results[f"{key}|{n}"], results[f"megatron|{n}"]
+            print(f"| {name} | {n} | {r['wall']:.1f} | {mb / r['wall']:.2f} | "
+                  f"{tokens / r['wall']:,.0f} | {b['wall'] / r['wall']:.2f}x | {r['cpu']:.1f} | "
+                  f"{tokens / r['cpu']:,.0f} | {b['cpu'] / r['cpu']:.2f}x | {r['load']:.1f} |")
+    for key, name in pipelines.items():
+        one, two = results[f"{key}|1"], results[f"{key}|2"]
+        print(f"scaling 1 -> 2 workers, {name}: {one['wall'] / two['wall']:.2f}x wall, "
+              f"{(tokens / two['cpu']) / (tokens / one['cpu']):.2f}x tokens per CPU-s")
     return 0
 
 

@@ -11,6 +11,7 @@ appended EOD is ever an EOD.
 """
 
 import hashlib
+import importlib.util
 import json
 import os
 
@@ -180,6 +181,8 @@ def load_encoder(path: str, engine: str = "auto", eod_token: str = EOD_TOKEN):
     if engine == "tokenizers":
         return HFEncoder(path, eod_token)
     reason = tiktoken_incompatibility(spec) if isinstance(spec, dict) else "not a tokenizer.json"
+    if reason is None and importlib.util.find_spec("tiktoken") is None:
+        reason = "tiktoken is not installed (pip install tiktoken)"
     if reason is None:
         return TiktokenEncoder(path, eod_token, spec)
     if engine == "tiktoken":

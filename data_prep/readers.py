@@ -13,7 +13,7 @@ import gzip
 import json
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
@@ -155,28 +155,30 @@ class DocumentReader:
         self.text_key, self.strict, self.split = text_key, strict, split
         self.skipped: Counter[str] = Counter()
         self.examples: list[str] = []
+        self._first_lines: dict[Piece, int] = {}
 
-    def _skip(self, reason: str, where: str, detail: str = "") -> None:
+    def _skip(self, reason: str, where: Callable[[], str], detail: str = "") -> None:
+        """``where`` is called only for a message: locating a line may mean counting lines."""
         if self.strict:
-            raise InputError(f"{where}: {reason}{detail} (drop --strict to skip and count these)")
+            raise InputError(f"{where()}: {reason}{detail} (drop --strict to skip and count these)")
         self.skipped[reason] += 1
         if len(self.examples) < 5:
-            self.examples.append(f"{where}: {reason}{detail}")
+            self.examples.append(f"{where()}: {reason}{detail}")
 
     def read(self, shard: list[Piece]) -> Iterator[tuple[str, int]]:
         for piece in shard:
             yield from getattr(self, "_read_" + piece.kind.replace(".", "_"))(piece)
 
-    def _text(self, record, where: str) -> str | None:
+    def _text(self, record, where: Callable[[], str]) -> str | None:
         if not isinstance(record, dict):
             self._skip("line is not a JSON object", where)
             return None
         if self.text_key not in record:
-            raise InputError(f"{where}: no key {self.text_key!r} (keys: {sorted(record)[:10]}); "
+            raise InputError(f"{where()}: no key {self.text_key!r} (keys: {sorted(record)[:10]}); "
                              "pass the right one with --text-key")
         text = record[self.text_key]
         if not isinstance(text, str):
-            raise InputError(f"{where}: {self.text_key!r} holds {type(text).__name__}, not text")
+            raise InputError(f"{where()}: {self.text_key!r} holds {type(text).__name__}, not text")
         if not text:
             self._skip("empty text", where)
             return None
@@ -187,23 +189,24 @@ class DocumentReader:
         for n, line in enumerate(lines):
             if not line.strip():
                 continue
+            where = lambda n=n: f"{piece.path}:{self._line_no(piece, first_line, n)}"  # noqa: E731
             try:
                 record = json.loads(line)
             except ValueError as e:
-                where = f"{piece.path}:{self._line_no(piece, first_line, n)}"
                 self._skip("malformed JSON", where, f" ({str(e)[:60]})")
                 continue
-            text = self._text(record, f"{piece.path}:{self._line_no(piece, first_line, n)}")
+            text = self._text(record, where)
             if text is not None:
                 pos = raw.tell()
                 yield text, pos - last
                 last = pos
 
-    @staticmethod
-    def _line_no(piece: Piece, first_line: int | None, n: int) -> int:
-        if first_line is None:  # count lines before the piece only when a message needs it
-            with open(piece.path, "rb") as f:  # the piece's first line follows a newline at >= start-1
-                first_line = 2 + f.read(piece.start - 1).count(b"\n")
+    def _line_no(self, piece: Piece, first_line: int | None, n: int) -> int:
+        if first_line is None:
+            if piece not in self._first_lines:  # its first line follows a newline at >= start-1
+                with open(piece.path, "rb") as f:
+                    self._first_lines[piece] = 2 + f.read(piece.start - 1).count(b"\n")
+            first_line = self._first_lines[piece]
         return first_line + n
 
     def _read_jsonl(self, piece: Piece) -> Iterator[tuple[str, int]]:
@@ -239,12 +242,12 @@ class DocumentReader:
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
-            self._skip("not UTF-8", piece.path, f" ({e.reason} at byte {e.start})")
+            self._skip("not UTF-8", lambda: piece.path, f" ({e.reason} at byte {e.start})")
             return
         if text:
             yield text, piece.size
         else:
-            self._skip("empty text", piece.path)
+            self._skip("empty text", lambda: piece.path)
 
     def _columns(self, piece: Piece, names: list[str]) -> None:
         if self.text_key not in names:
@@ -256,12 +259,12 @@ class DocumentReader:
         carried = 0.0
         for n, text in enumerate(texts):
             carried += share
-            where = f"{piece.path} row {first_row + n}"
             if text is None or text == "":
-                self._skip("empty text", where)
+                self._skip("empty text", lambda n=n: f"{piece.path} row {first_row + n}")
                 continue
             if not isinstance(text, str):
-                raise InputError(f"{where}: {self.text_key!r} holds {type(text).__name__}, not text")
+                raise InputError(f"{piece.path} row {first_row + n}: {self.text_key!r} holds "
+                                 f"{type(text).__name__}, not text")
             yield text, int(carried)
             carried -= int(carried)
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from hope_dist.config import ConfigError, ModelConfig, from_dict
-from hope_dist.model import HopeModel
+from hope_dist.model import HopeModel, materialize
 
 FORMAT = "hope_dist.pretrained/1"
 CONFIG = "config.json"
@@ -152,8 +152,7 @@ def build_from_weights(model_cfg: ModelConfig, weights: dict[str, torch.Tensor],
             f"{source}: the weights do not fit the model config"
             + (f"\n  missing {missing[:5]}" if missing else "") + (f"\n  unexpected {unexpected[:5]}" if unexpected else "")
             + "".join(f"\n  {w}" for w in wrong[:5]))
-    model.to_empty(device=device)
-    model.load_state_dict(weights)
+    materialize(model, device).load_state_dict(weights)
     if dtype is not None:
         model.to(dtype)
     return model.eval()

@@ -2,7 +2,6 @@
 keep-last-k, and clear errors for damaged or mismatched checkpoints."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -11,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hope_dist.checkpoint import (MARKER, STALL_ENV, CheckpointError, committed_steps, read_flat, read_model,
-                                  verify)
+from hope_dist.checkpoint import MARKER, STALL_ENV, CheckpointError, committed_steps, read_flat, verify
 from hope_dist.config import load_config
 from hope_dist.trainer import Trainer
 
@@ -64,18 +62,25 @@ def test_stop_and_resume_is_bit_exact_between_ticks(random_dataset, tmp_path, un
 
 
 def test_async_save_snapshots_the_state_before_returning(random_dataset, tmp_path):
+    """Each async save holds the state of the moment save() returned, also the second one,
+    which reuses the first one's staging buffers."""
     trainer = make(random_dataset, tmp_path, **{"checkpoint.async_save": True})
-    trainer.train_step()
-    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    path = trainer.save()
-    with torch.no_grad():
-        for p in trainer.model.parameters():
-            p.add_(1.0)  # training goes on while the write is in flight
-    trainer.ckpt.wait()
-    assert (path / MARKER).is_file() and verify(path) == []
-    saved = read_model(path)
-    for n, p in before.items():
-        assert torch.equal(saved[n], p), n
+    for step in (1, 2):
+        trainer.train_step()
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        path = trainer.save()
+        with torch.no_grad():
+            for p in trainer.model.parameters():
+                p.add_(1.0)  # training goes on while the write is in flight
+        trainer.ckpt.wait()
+        assert (path / MARKER).is_file() and verify(path) == []
+        saved = read_flat(path)
+        assert saved["train.step"] == step and saved["train.data.consumed_samples"] == 4 * step
+        for n, p in before.items():
+            assert torch.equal(saved[f"model.{n}"], p), n
+        with torch.no_grad():
+            for n, p in trainer.model.named_parameters():
+                p.copy_(before[n])
 
 
 def test_sigkill_during_save_keeps_previous_checkpoint(random_dataset, tmp_path, uninterrupted):

@@ -89,3 +89,10 @@ def test_meta_init_is_finite_and_seeded():
         assert torch.isfinite(p1).all(), n
         assert torch.equal(p1, p2), n
     assert not any(p.is_meta for p in m1.parameters())
+
+
+def test_tied_embeddings_stay_tied_after_meta_init():
+    cfg = load_config("configs/tiny.yaml", ["--model.tie_embeddings=true"]).model
+    model = build_model(cfg)
+    assert model.output.weight is model.tok_embeddings.weight
+    assert count_parameters(model)["norms_and_head"] < count_parameters(build_model(load_config("configs/tiny.yaml").model))["norms_and_head"]

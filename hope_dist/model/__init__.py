@@ -1,5 +1,5 @@
 """HOPE network (single-device); see HOPE_SPEC section 1."""
-from hope_dist.model.model import Block, HopeModel, build_model, count_parameters
+from hope_dist.model.model import Block, HopeModel, build_model, count_parameters, materialize
 from hope_dist.model.segments import Segments, document_segments
 
-__all__ = ["Block", "HopeModel", "Segments", "build_model", "count_parameters", "document_segments"]
+__all__ = ["Block", "HopeModel", "Segments", "build_model", "count_parameters", "document_segments", "materialize"]

@@ -84,12 +84,20 @@ class HopeModel(nn.Module):
         return (h, new_states) if return_state else h
 
 
+def materialize(model: HopeModel, device: str | torch.device) -> HopeModel:
+    """Give a meta-device model uninitialised storage on `device`; to_empty allocates each
+    parameter separately, so tied embeddings are tied again."""
+    model.to_empty(device=device)
+    if model.cfg.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model
+
+
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> HopeModel:
     """Construct on the meta device (no memory touched), materialise on `device`, initialise."""
     with torch.device("meta"):
         model = HopeModel(cfg)
-    model.to_empty(device=device)
-    model.init_weights()
+    materialize(model, device).init_weights()
     return model
 
 

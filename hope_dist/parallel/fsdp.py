@@ -38,7 +38,8 @@ class CountingReduceScatter:
 
     def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
         self.bytes += input_tensor.numel() * input_tensor.element_size()
-        return dist.reduce_scatter_tensor(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
+        return dist.reduce_scatter_single(output=output_tensor, input=input_tensor, group=group, op=op,
+                                          async_op=async_op)
 
 
 def _shard_dim(size: int):

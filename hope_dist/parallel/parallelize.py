@@ -49,10 +49,8 @@ def parallelize(model: HopeModel, cfg: JobConfig, dims: ParallelDims, device: to
     mesh = dims.mesh
     tp_mesh = mesh["tp"] if p.tp > 1 else None
     lines = [f"layout: pp={p.pp} dp_replicate={p.dp_replicate} dp_shard={p.dp_shard} tp={p.tp}"]
-    stages = None
     if p.pp > 1:
         views, stage_ids, n_stages, split = split_model(model, cfg, dims.pp_rank)
-        stages = (views, stage_ids, n_stages)
         lines.append(f"pipeline: {p.pp_schedule}, {p.microbatches} microbatches per micro-batch\n{split}")
     if tp_mesh is not None:
         apply_tp(model, tp_mesh)
@@ -64,8 +62,7 @@ def parallelize(model: HopeModel, cfg: JobConfig, dims: ParallelDims, device: to
     else:
         sync = BucketSync(dims.group("dp"))
     pipeline = None
-    if stages is not None:
-        views, stage_ids, n_stages = stages
+    if p.pp > 1:  # stages are built last, around the sharded layers
         pipeline = Pipeline(views, stage_ids, n_stages, cfg, device, dims.group("pp"),
                             functools.partial(vocab_parallel_loss, mesh=tp_mesh), amp_dtype or torch.float32)
     return ParallelModel(model, sync, pipeline, tp_mesh, "\n".join(lines))

@@ -14,6 +14,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -124,6 +126,4 @@ def vocab_parallel_loss(logits: torch.Tensor, labels: torch.Tensor, mesh: Device
 
 def loss_context(mesh: DeviceMesh | None):
     """loss_parallel() under tp (vocab-sharded softmax), a no-op context otherwise."""
-    import contextlib
-
     return loss_parallel() if mesh is not None else contextlib.nullcontext()
