@@ -65,6 +65,7 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh) -> dict[str, list[FSDPModule]
 
     def shard(module: nn.Module, group: str) -> None:
         unit = fully_shard(module, mesh=mesh, shard_placement_fn=placement)
+        unit.set_reshard_after_forward(True, recurse=False)  # also as a root: free gathered weights
         unit.set_requires_gradient_sync(False, recurse=False)
         unit.set_gradient_divide_factor(1.0)  # token-SUM loss: reduce as a sum
         unit.set_force_sum_reduction_for_comms(True)
