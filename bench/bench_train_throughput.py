@@ -4,7 +4,8 @@
 
 Each config trains `--steps` optimizer steps through the real Trainer (data pipeline, clocks,
 optimizer) with checkpoints and metrics files off; the first `--warmup` steps are dropped and the
-median step time of the rest gives tokens/s. Prints parameter counts so budgets can be compared.
+median step time of the rest gives tokens/s. Also reports tokens per CPU-second of this process
+(which other jobs on a shared machine barely move) and parameter counts, so budgets compare.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import argparse
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,15 +30,18 @@ def measure(config: str, steps: int, warmup: int, overrides: list[str]) -> dict:
         cfg = load_config(config, [f"--run_dir={run_dir}", f"--training.steps={steps}",
                                    "--metrics.wandb=false", "--checkpoint.interval=0", *overrides])
         trainer = Trainer(cfg)
-        times, losses = [], []
+        times, cpu, losses = [], [], []
         for _ in range(steps):
+            c0 = time.process_time()
             m = trainer.train_step()
+            cpu.append(time.process_time() - c0)
             times.append(m["step_time_s"])
             losses.append(m["loss"])
         step_time = statistics.median(times[warmup:])
         tokens = cfg.training.global_batch * cfg.training.seq_len
         return {"config": config, "params": count_parameters(trainer.model)["total"],
-                "step_s": step_time, "tokens_per_s": tokens / step_time, "last_loss": losses[-1]}
+                "step_s": step_time, "tokens_per_s": tokens / step_time,
+                "tokens_per_cpu_s": tokens / statistics.median(cpu[warmup:]), "last_loss": losses[-1]}
 
 
 def main() -> None:
@@ -48,10 +53,12 @@ def main() -> None:
     args, overrides = parser.parse_known_args()
     torch.set_num_threads(args.threads)
     rows = [measure(c, args.steps, args.warmup, overrides) for c in args.configs]
-    print(f"{'config':<34} {'params':>10} {'step (s)':>9} {'tokens/s':>9} {'ratio':>6} {'loss@end':>9}")
+    print("| config | params | step (s) | tokens/s | tokens per CPU-s | ratio (CPU-s) | loss at end |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"{r['config']:<34} {r['params']:>10,} {r['step_s']:>9.3f} {r['tokens_per_s']:>9.0f} "
-              f"{r['tokens_per_s'] / rows[0]['tokens_per_s']:>6.2f} {r['last_loss']:>9.3f}")
+        print(f"| {r['config']} | {r['params']:,} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
+              f"{r['tokens_per_cpu_s']:.0f} | {r['tokens_per_cpu_s'] / rows[0]['tokens_per_cpu_s']:.2f} | "
+              f"{r['last_loss']:.3f} |")
 
 
 if __name__ == "__main__":

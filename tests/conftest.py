@@ -53,3 +53,20 @@ def tiny_overrides(prefix: Path, vocab: int, eod: int, run_dir: Path, **extra) -
     }
     base.update(extra)
     return [f"--{k}={v}" for k, v in base.items()]
+
+
+def make_trainer(dataset: tuple[Path, int, int], run_dir: Path, **extra):
+    """A Trainer for the tiny job on `dataset` (as returned by the random_dataset fixture)."""
+    from hope_dist.config import load_config
+    from hope_dist.trainer import Trainer
+
+    prefix, vocab, eod = dataset
+    return Trainer(load_config(None, tiny_overrides(prefix, vocab, eod, run_dir, **extra)))
+
+
+def read_losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss from RUN_DIR/metrics.jsonl (a resumed run's later rows win)."""
+    import json
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}

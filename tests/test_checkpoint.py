@@ -11,22 +11,10 @@ import pytest
 import torch
 
 from hope_dist.checkpoint import MARKER, STALL_ENV, CheckpointError, committed_steps, read_flat, verify
-from hope_dist.config import load_config
-from hope_dist.trainer import Trainer
 
-from conftest import tiny_overrides
+from conftest import make_trainer as make, read_losses as losses, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def make(dataset, run_dir, **extra) -> Trainer:
-    prefix, vocab, eod = dataset
-    return Trainer(load_config(None, tiny_overrides(prefix, vocab, eod, run_dir, **extra)))
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows}
 
 
 @pytest.fixture(scope="module")

@@ -14,25 +14,13 @@ import torch.nn.functional as F
 
 import hope_dist
 from hope_dist.checkpoint import CheckpointError, read_flat
-from hope_dist.config import load_config
 from hope_dist.pretrained import PretrainedError
-from hope_dist.trainer import Trainer
 from tools import convert
 from tools.inspect_ckpt import main as inspect_main
 
-from conftest import tiny_overrides
+from conftest import make_trainer as make, read_losses as losses
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def make(dataset, run_dir, **extra) -> Trainer:
-    prefix, vocab, eod = dataset
-    return Trainer(load_config(None, tiny_overrides(prefix, vocab, eod, run_dir, **extra)))
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows}
 
 
 @pytest.fixture(scope="module")

@@ -48,7 +48,7 @@ def test_two_node_run_matches_single_node(random_dataset, tmp_path):
     prefix, vocab, eod = random_dataset
     extra = {"parallel.dp_shard": 2, "training.steps": 4, "training.global_batch": 4, "training.micro_batch": 2}
     port = _free_port()
-    multi = [f"--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+    multi = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
              "--rdzv-id=hope-two-node", "--max-restarts=0"]
     job = tiny_overrides(prefix, vocab, eod, tmp_path / "two_node", **extra)
     logs = [tmp_path / f"node{i}.log" for i in range(2)]

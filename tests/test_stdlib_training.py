@@ -1,14 +1,19 @@
 """The README's main job, scaled down: the real offline corpus (the standard library's sources),
 a BPE tokenizer trained on it, Megatron .bin/.idx, and the tiny HOPE through torchrun, whose
-loss must fall below a stated value within a fixed step budget."""
+loss must fall below a stated value within a fixed step budget.
+
+Calibration (3 MB of stdlib, 1024-token BPE): the corpus's unigram entropy is 5.97 nats/token
+(the best a model that ignores context can do); 200 steps reach a mean of 4.29 over the last
+10 steps (7.4 at the start). The bound asks for 4.7: well below what ignoring context allows."""
 import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-STEPS = 120
-LOSS_BOUND = 4.6  # nats/token, mean of the last 10 steps; ln(1024) = 6.93 at init
+STEPS = 200
+LOSS_BOUND = 4.7  # nats/token, mean of the last 10 steps; ln(1024) = 6.93 at init
 
 
 def sh(*args, cwd=None):
@@ -40,3 +45,13 @@ def test_tiny_hope_learns_the_stdlib(stdlib_data, tmp_path):
     final = sum(losses[-10:]) / 10
     print(f"loss: first {losses[0]:.3f}, mean of last 10 steps {final:.3f} (bound {LOSS_BOUND})")
     assert final < LOSS_BOUND
+    assert final < unigram_entropy(stdlib_data / "stdlib") - 1.0  # the model uses context
+
+
+def unigram_entropy(prefix) -> float:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(str(prefix))
+    counts = np.bincount(np.concatenate([ds[i] for i in range(len(ds))]))
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())

@@ -54,7 +54,7 @@ def describe(path: Path, tensors: bool = False, config: bool = False, checksums:
             part[1] += numel
             part[2] += numel * m.properties.dtype.itemsize
         objects = len(stored_keys(path)) - len(metas)
-        lines.append(f"  contents: " + ", ".join(
+        lines.append("  contents: " + ", ".join(
             f"{name} {n} tensors / {numel:,} values / {_human(size)}" for name, (n, numel, size) in sorted(parts.items()))
             + f"; {objects} other objects")
         if tensors:
