@@ -16,16 +16,10 @@
 set -uo pipefail
 HOPE_CONFIG=${HOPE_CONFIG:-configs/hope_760m.yaml}
 HOPE_SCRIPT=$(realpath "${BASH_SOURCE[0]}")
-here=$(dirname "$HOPE_SCRIPT")  # under sbatch a copy in slurmd's spool: then the submit dir
-if [[ -f $here/common.sh ]]; then
-    HOPE_REPO=${HOPE_REPO:-$(dirname "$here")}
-else
-    HOPE_REPO=${HOPE_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
-fi
-if [[ ! -f $HOPE_REPO/launch/common.sh ]]; then
-    echo "launch: no launch/common.sh in $HOPE_REPO: submit from the repository root or set HOPE_REPO" >&2
-    exit 2
-fi
+# Run directly, common.sh sits beside this script; under sbatch this is a copy in slurmd's spool.
+here=$(dirname "$HOPE_SCRIPT")
+[[ -f $here/common.sh ]] && HOPE_REPO=${HOPE_REPO:-$(dirname "$here")} || HOPE_REPO=${HOPE_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
+[[ -f $HOPE_REPO/launch/common.sh ]] || { echo "launch: no launch/common.sh in $HOPE_REPO: submit from the repository root or set HOPE_REPO" >&2; exit 2; }
 # shellcheck disable=SC1091
 source "$HOPE_REPO/launch/common.sh"
 hope_main "$@"
