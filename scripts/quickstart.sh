@@ -13,5 +13,7 @@ mkdir -p "$D"
     --vocab-size 4096 --out "$D/tokenizer.json"
 [ -s "$D/stdlib.idx" ] || python -m data_prep.tokenize --input "$D/corpus.jsonl" \
     --tokenizer "$D/tokenizer.json" --output-prefix "$D/stdlib" --workers 2
+RUN_DIR=runs/tiny
+for arg in "$@"; do [[ $arg == --run_dir=* ]] && RUN_DIR=${arg#--run_dir=}; done
 torchrun --standalone --nproc_per_node=1 hope_dist/pretrain.py --config configs/tiny.yaml "$@"
-python -m tools.plot_metrics runs/tiny --out runs/tiny/loss.png
+python -m tools.plot_metrics "$RUN_DIR" --out "$RUN_DIR/loss.png"

@@ -96,3 +96,20 @@ def test_tied_embeddings_stay_tied_after_meta_init():
     model = build_model(cfg)
     assert model.output.weight is model.tok_embeddings.weight
     assert count_parameters(model)["norms_and_head"] < count_parameters(build_model(load_config("configs/tiny.yaml").model))["norms_and_head"]
+
+
+@pytest.mark.parametrize("mixer", ["selfmod", "titans"])
+@pytest.mark.parametrize("momentum", [False, True])
+def test_memories_stay_finite_on_repetitive_text_at_init(mixer, momentum):
+    """Code repeats (indentation, runs of one token): the same key many times in a chunk, whose
+    inner gradient is taken at the chunk start and does not shrink as the memory moves. The
+    initial rates must keep that from overshooting (with momentum the step is eta / (1 - gamma))."""
+    cfg = load_config("configs/tiny.yaml", [f"--model.mixer={mixer}", f"--model.momentum={momentum}"]).model
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    pattern = torch.randint(1, cfg.vocab_size, (3,))
+    tok = torch.cat([pattern.repeat(40), torch.randint(1, cfg.vocab_size, (8,))])[None]
+    tok = torch.cat([tok, torch.full((1, 128), 7)], dim=0)  # one token repeated
+    out = model(tok)
+    assert torch.isfinite(out).all()
+    assert out.abs().max() < 100

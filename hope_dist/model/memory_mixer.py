@@ -11,8 +11,12 @@ Choices the spec leaves open (tested in tests/test_model.py):
 - titans: k and v pass the same causal conv + SiLU as q, then L2 norm; eta and alpha are
   sigmoid read-outs of x (eta scaled by eta_max).
 - Initial memories: W2 ~ N(0, 1/d_h) and W1 ~ N(0, init_std) (depth 2: M starts near the
-  identity); depth 1 starts at I + N(0, init_std). eta starts near 0.1, alpha near 0.99,
-  gamma near 0.9, so the in-context learning rate is small and retention long at init.
+  identity); depth 1 starts at I + N(0, init_std). alpha starts near 0.99 (long retention),
+  eta near ETA_INIT = 0.1, and with momentum gamma near GAMMA_INIT = 0.9 and eta near
+  ETA_INIT * (1 - GAMMA_INIT): the inner gradient is taken at the chunk start and does not shrink
+  as the memory moves within a chunk, so on repetitive text (the same key many times) a momentum
+  step of eta / (1 - gamma) = 1 overshoots ~9x per 16-token chunk and diverges; scaled, the
+  effective step matches the momentum-free one.
 - The op runs with autocast off in at least float32 (the fast-weight state is float32 by contract).
 """
 from __future__ import annotations
@@ -29,6 +33,9 @@ from hope_dist.model.norms import RMSNorm
 from hope_dist.model.segments import Segments
 from kernels.hope_memory import hope_memory, l2norm
 from kernels.hope_memory.types import MemoryParams
+
+
+ETA_INIT, ALPHA_INIT, GAMMA_INIT = 0.1, 0.99, 0.9
 
 
 def _logit(p: float) -> float:
@@ -83,17 +90,18 @@ class MemoryMixer(nn.Module):
         else:
             nn.init.normal_(self.mem_w2, std=self.init_std)
             self.mem_w2.add_(torch.eye(dh, device=self.mem_w2.device, dtype=self.mem_w2.dtype))
+        eta0 = ETA_INIT * (1 - GAMMA_INIT) if self.gamma is not None else ETA_INIT
         if self.selfmod:
             nn.init.normal_(self.eta_w, std=self.init_std)
             nn.init.normal_(self.alpha_w, std=self.init_std)
-            nn.init.constant_(self.eta_b, _logit(0.1))
-            nn.init.constant_(self.alpha_b, _logit(0.99))
+            nn.init.constant_(self.eta_b, _logit(eta0))
+            nn.init.constant_(self.alpha_b, _logit(ALPHA_INIT))
         else:
-            for name, p0 in (("eta", 0.1), ("alpha", 0.99)):
+            for name, p0 in (("eta", eta0), ("alpha", ALPHA_INIT)):
                 nn.init.normal_(self.rates[name].weight, std=self.init_std)
                 nn.init.constant_(self.rates[name].bias, _logit(p0))
         if self.gamma is not None:
-            nn.init.constant_(self.gamma, _logit(0.9))
+            nn.init.constant_(self.gamma, _logit(GAMMA_INIT))
 
     def _params(self) -> MemoryParams:
         if self.selfmod:
