@@ -120,6 +120,7 @@ class MetricsConfig:
     wandb: bool = True  # offline when WANDB_API_KEY is unset
     wandb_project: str = "hope_dist"
     progress: bool = True
+    memory_health: bool = True  # probe the fast weights at every log step (model/memory_health.py)
 
 
 @dataclass

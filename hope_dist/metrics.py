@@ -46,9 +46,10 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.update(step + 1 - self.bar.n)
             if step % self.cfg.log_every == 0:
+                extra = {"fw_norm": f"{metrics['mem/fw_norm_max']:.3g}"} if "mem/fw_norm_max" in metrics else {}
                 self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
                                      tok_s=f"{metrics['tokens_per_s']:.0f}",
-                                     ticked=",".join(metrics["ticked"]) or "-")
+                                     ticked=",".join(metrics["ticked"]) or "-", **extra)
 
     def print(self, msg: str) -> None:
         if self.active:

@@ -35,6 +35,8 @@ from hope_dist.config import JobConfig, OptimConfig
 from hope_dist.data import build_train_stream
 from hope_dist.metrics import MetricsLogger
 from hope_dist.model import build_model, count_parameters, document_segments
+from hope_dist.model.memory_health import STATS as HEALTH_STATS
+from hope_dist.model.memory_mixer import MemoryMixer
 from hope_dist.parallel.grad_sync import clip_grad_norm_
 from hope_dist.parallel.mesh import build_mesh, check_world_size
 from hope_dist.parallel.parallelize import parallelize
@@ -107,6 +109,8 @@ class Trainer:
 
         self.model = build_model(cfg.model, self.device)  # whole and initialised on every rank
         self.parallel = parallelize(self.model, cfg, self.dims, self.device, self.amp_dtype)  # prunes, shards
+        self.mixers = {name: block.mixer for name, block in self.model.layers.items()
+                       if isinstance(block.mixer, MemoryMixer)}  # this rank's layers
         self.groups = build_clock_groups(self.model)
         self.clock = CMSClock(self.groups)
         self.optimizer = build_optimizer(self.groups, cfg.optim)
@@ -235,6 +239,9 @@ class Trainer:
         batch = self.data.next_batch()
         tokens, labels = batch["tokens"].to(self.device), batch["labels"].to(self.device)
         loss_sum = torch.zeros((), device=self.device)
+        probe = cfg.metrics.memory_health and self.step % cfg.metrics.log_every == 0
+        for mixer in self.mixers.values():
+            mixer.probe_health = probe
         with loss_context(self.parallel.tp_mesh):
             for tok, lab in zip(tokens.split(cfg.training.micro_batch), labels.split(cfg.training.micro_batch)):
                 loss_sum += self._loss_and_backward(tok, lab)
@@ -252,6 +259,8 @@ class Trainer:
         loss = (stats[0] / stats[1]).item()
         step = self.step
         metrics = {"loss": loss, "lr": lr_at(step, cfg.optim, cfg.training.steps)}
+        if probe:
+            metrics.update(self._memory_health())
         if not math.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
             self.sync.discard()  # gradients a sharded data-parallel layer still holds
@@ -281,6 +290,34 @@ class Trainer:
         dt = time.perf_counter() - t0
         metrics.update(tokens_per_s=step_tokens / dt, step_time_s=dt, tokens_seen=self.tokens_seen)
         return metrics
+
+    def _memory_health(self) -> dict:
+        """The probes of this step (model/memory_health.py) as flat metrics `mem/L{layer}/{stat}`,
+        plus `mem/fw_norm_max` over all layers. Only the first data-parallel replica's probes count
+        (its first row is the global batch's), so every layout reports what one process would:
+        tensor-parallel ranks hold different heads of a layer (max of maxima, mean of means),
+        pipeline stages different layers."""
+        local = {name: m.health for name, m in self.mixers.items() if m.health is not None}
+        for m in self.mixers.values():
+            m.health = None
+        parts = [(self.dp_rank, local)]
+        if self.world > 1:
+            parts = [None] * self.world
+            dist.all_gather_object(parts, (self.dp_rank, local))
+        per_layer: dict[str, list[dict]] = {}
+        for dp_rank, probes in parts:
+            for name, h in probes.items():
+                if dp_rank == 0:
+                    per_layer.setdefault(name, []).append(h)
+        out = {}
+        for name in sorted(per_layer, key=int):
+            hs = per_layer[name]
+            for k in HEALTH_STATS:
+                vals = [h[k] for h in hs]
+                out[f"mem/L{name}/{k}"] = max(vals) if k.endswith("_max") else sum(vals) / len(vals)
+        if per_layer:
+            out["mem/fw_norm_max"] = max(v for k, v in out.items() if k.endswith("/fw_norm_max"))
+        return out
 
     def _agree_to_stop(self) -> bool:
         """Every rank stops at the same step if any rank got a stop signal."""

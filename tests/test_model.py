@@ -103,7 +103,7 @@ def test_tied_embeddings_stay_tied_after_meta_init():
 def test_memories_stay_finite_on_repetitive_text_at_init(mixer, momentum):
     """Code repeats (indentation, runs of one token): the same key many times in a chunk, whose
     inner gradient is taken at the chunk start and does not shrink as the memory moves. The
-    initial rates must keep that from overshooting (with momentum the step is eta / (1 - gamma))."""
+    initial rates must keep that from overshooting (the momentum is an EMA, so its step is eta too)."""
     cfg = load_config("configs/tiny.yaml", [f"--model.mixer={mixer}", f"--model.momentum={momentum}"]).model
     torch.manual_seed(0)
     model = build_model(cfg)

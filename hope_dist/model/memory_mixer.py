@@ -12,11 +12,10 @@ Choices the spec leaves open (tested in tests/test_model.py):
   sigmoid read-outs of x (eta scaled by eta_max).
 - Initial memories: W2 ~ N(0, 1/d_h) and W1 ~ N(0, init_std) (depth 2: M starts near the
   identity); depth 1 starts at I + N(0, init_std). alpha starts near 0.99 (long retention),
-  eta near ETA_INIT = 0.1, and with momentum gamma near GAMMA_INIT = 0.9 and eta near
-  ETA_INIT * (1 - GAMMA_INIT): the inner gradient is taken at the chunk start and does not shrink
-  as the memory moves within a chunk, so on repetitive text (the same key many times) a momentum
-  step of eta / (1 - gamma) = 1 overshoots ~9x per 16-token chunk and diverges; scaled, the
-  effective step matches the momentum-free one.
+  eta near ETA_INIT = 0.1, and with momentum gamma near GAMMA_INIT = 0.9. The op's momentum is an
+  EMA of the inner gradients (S_t = gamma S_{t-1} + (1 - gamma) G_t, docs/memory_op.md "Momentum"),
+  so its step is eta whatever gamma is: the heavy-ball form's eta / (1 - gamma) made the
+  chunk-start gradient, repeated on repetitive text, overshoot and diverge (issue 18).
 - The op runs with autocast off in at least float32 (the fast-weight state is float32 by contract).
 """
 from __future__ import annotations
@@ -29,6 +28,7 @@ from torch import nn
 
 from hope_dist.config import ModelConfig
 from hope_dist.model.conv import CausalConv
+from hope_dist.model.memory_health import longest_document, memory_health
 from hope_dist.model.norms import RMSNorm
 from hope_dist.model.segments import Segments
 from kernels.hope_memory import hope_memory, l2norm
@@ -74,6 +74,8 @@ class MemoryMixer(nn.Module):
         self.gamma = nn.Parameter(torch.empty(H)) if cfg.use_momentum else None
         self.out_norm = RMSNorm(dh, cfg.norm_eps)
         self.out = nn.Linear(d, d, bias=False)
+        self.probe_health = False  # set by the trainer: the next forward records `health`
+        self.health: dict[str, float] | None = None
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -90,14 +92,13 @@ class MemoryMixer(nn.Module):
         else:
             nn.init.normal_(self.mem_w2, std=self.init_std)
             self.mem_w2.add_(torch.eye(dh, device=self.mem_w2.device, dtype=self.mem_w2.dtype))
-        eta0 = ETA_INIT * (1 - GAMMA_INIT) if self.gamma is not None else ETA_INIT
         if self.selfmod:
             nn.init.normal_(self.eta_w, std=self.init_std)
             nn.init.normal_(self.alpha_w, std=self.init_std)
-            nn.init.constant_(self.eta_b, _logit(eta0))
+            nn.init.constant_(self.eta_b, _logit(ETA_INIT))
             nn.init.constant_(self.alpha_b, _logit(ALPHA_INIT))
         else:
-            for name, p0 in (("eta", eta0), ("alpha", ALPHA_INIT)):
+            for name, p0 in (("eta", ETA_INIT), ("alpha", ALPHA_INIT)):
                 nn.init.normal_(self.rates[name].weight, std=self.init_std)
                 nn.init.constant_(self.rates[name].bias, _logit(p0))
         if self.gamma is not None:
@@ -140,10 +141,23 @@ class MemoryMixer(nn.Module):
                           eta=self.cfg.eta_max * torch.sigmoid(eta_logit),
                           alpha=torch.sigmoid(alpha_logit))
         o, mem_state = self._run_memory(q, kwargs, segs, state, return_state)
+        if self.probe_health:
+            self.probe_health = False
+            self.health = self._probe(q, kwargs, seg)
         g = self.proj["g"](x).view(B, T, -1, dh)
         o = self.out_norm(o.to(g.dtype)) * F.silu(g)
         y = self.out(o.reshape(B, T, -1))
         return y, ({"memory": mem_state, "conv": new_conv} if return_state else None)
+
+    def _probe(self, q, kwargs, seg) -> dict[str, float]:
+        """memory_health of the longest document in row 0, in float32 outside autocast."""
+        doc = longest_document(None if seg is None else seg[0], q.shape[1])
+        f32 = lambda x: x[:1, doc].detach().float()
+        common = dict(chunk=self.cfg.chunk, proj_chunk=self.cfg.proj_chunk, eta_max=self.cfg.eta_max,
+                      selfgen=self.cfg.selfgen_values, stopgrad_vhat=self.cfg.stopgrad_vhat, impl="torch")
+        params = MemoryParams(*(None if p is None else p.detach().float() for p in self._params()))
+        with torch.autocast(q.device.type, enabled=False):
+            return memory_health(f32(q), params, {n: f32(x) for n, x in kwargs.items()}, common)
 
     def _run_memory(self, q, kwargs, segs, state, return_state):
         """Packed documents become one varlen call in which the state resets at each start.

@@ -4,6 +4,7 @@ The chunk loop is sequential because k, v, eta, alpha and the inner gradients of
 chunk-start state. Inside a chunk, for one weight W (dout x din) with chunk-start W_c and momentum
 S_c, rank-1 gradients G_j = vv_j kk_j^T and the rule
     W_t = alpha_t W_{t-1} + x_t kk_t^T - eta_t S_t,  S_t = gamma_t S_{t-1} + G_t,
+(with momentum the op's G is already scaled by 1 - gamma: its momentum is an EMA of the gradients),
     x_t = -delta eta_t W_{t-1} kk_t  (delta = 1 for the weight acting on k, 0 for W1),
 unrolling gives, with Lg_t = sum_{s<=t} log alpha_s, P_tj = exp(Lg_t - Lg_j) (j <= t),
 Gam_sj = prod_{r=j+1..s} gamma_r, D = P diag(eta) Gam, c_t = sum_{s<=t} P_ts eta_s Gam_s0:
@@ -106,19 +107,27 @@ def _update_weight(w, s, kk, vv, dec: _Decay, delta: bool, qq=None):
     return w_end, s_end, reads
 
 
-def _update_memories(state: MemoryState, k, vhat, dec: _Decay, valid, q=None):
+def _update_memories(state: MemoryState, k, vhat, dec: _Decay, grad_scale, q=None):
     """Memories `state` (B, n, H, ., .) over one chunk with keys k and targets vhat; reads M_t(q_t)
-    when q is given. valid (B, 1, 1, C) or None zeroes the gradients of padding tokens."""
+    when q is given. grad_scale (broadcastable to (B, 1, H, C, 1)) or None multiplies the inner
+    gradients: 0 on padding tokens, 1 - gamma with momentum (the momentum is an EMA of G)."""
     w1, w2, s1, s2 = state
     u, e, h = inner_grad_factors(w1, w2, k, vhat)
-    if valid is not None:
-        u = u * valid[..., None]
-        e = None if e is None else e * valid[..., None]
+    if grad_scale is not None:
+        u = u * grad_scale
+        e = None if e is None else e * grad_scale
     w2, s2, r2 = _update_weight(w2, s2, k, u, dec, True, q)
     if w1 is None:
         return MemoryState(None, w2, None, s2), r2
     w1, s1, r1 = _update_weight(w1, s1, h, e, dec, False, None if q is None else F.silu(r2))
     return MemoryState(w1, w2, s1, s2), None if q is None else q + r1
+
+
+def _grad_scale(valid, one_minus_gamma):
+    """The inner gradients' per-token factor: valid (B, 1, 1, C) as 0/1 times (1 - gamma) (H, 1, 1)."""
+    if valid is None:
+        return one_minus_gamma
+    return valid[..., None] if one_minus_gamma is None else valid[..., None] * one_minus_gamma
 
 
 def _select(state: MemoryState, mems: slice) -> MemoryState:
@@ -144,9 +153,10 @@ def _chunked_sequences(q, a, k, v, eta, alpha, state: MemoryState, params: Memor
     selfmod = a is not None
     n_proj = state.w2.shape[1] - 1
     proj, mem_o = _select(state, slice(0, n_proj)), _select(state, slice(n_proj, None))
-    log_gamma = None
+    log_gamma = one_minus_gamma = None
     if params.gamma is not None:
         log_gamma = F.logsigmoid(params.gamma)[:, None].expand(q.shape[2], q.shape[3])
+        one_minus_gamma = torch.sigmoid(-params.gamma)[:, None, None]
         if valid is not None:
             log_gamma = log_gamma * valid
     if valid is not None and not selfmod:
@@ -161,7 +171,8 @@ def _chunked_sequences(q, a, k, v, eta, alpha, state: MemoryState, params: Memor
             if valid is not None:
                 eta_p, alpha_p = torch.where(p_valid, eta_p, 0.0), torch.where(p_valid, alpha_p, 1.0)
             vhat = _targets(proj, v_p, selfgen, stopgrad_vhat)
-            proj, _ = _update_memories(proj, k_p, vhat, _decay(eta_p, alpha_p, p_log_gamma), p_valid)
+            proj, _ = _update_memories(proj, k_p, vhat, _decay(eta_p, alpha_p, p_log_gamma),
+                                       _grad_scale(p_valid, one_minus_gamma))
         else:
             k_p, v_p, eta_p, alpha_p = k[..., pt, :], v[..., pt, :], eta[..., pt], alpha[..., pt]
         for c0 in range(0, pt.stop - p0, chunk):
@@ -169,7 +180,7 @@ def _chunked_sequences(q, a, k, v, eta, alpha, state: MemoryState, params: Memor
             vhat = _targets(mem_o, v_p[..., ct, :], selfmod and selfgen, stopgrad_vhat)
             dec = _decay(eta_p[..., ct], alpha_p[..., ct], None if p_log_gamma is None else p_log_gamma[..., ct])
             mem_o, o = _update_memories(mem_o, k_p[..., ct, :], vhat, dec,
-                                        None if p_valid is None else p_valid[..., ct],
+                                        _grad_scale(None if p_valid is None else p_valid[..., ct], one_minus_gamma),
                                         q[..., p0 + ct.start:p0 + ct.stop, :])
             outs.append(o)
     return torch.cat(outs, -2), _join(proj, mem_o)

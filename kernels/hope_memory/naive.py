@@ -104,11 +104,11 @@ def _naive_sequences(q, a, k, v, eta, alpha, state, params, chunk, proj_chunk, e
         u, e, h = inner_grad_factors(c1, c2, k_t, vhat)
         eta_t, alpha_t = eta_t[..., None], alpha_t[..., None]  # (B, 1, H, 1, 1)
         g2 = u.mT @ k_t
-        s2 = g2 if gamma is None else gamma * s2 + g2
+        s2 = g2 if gamma is None else gamma * s2 + (1 - gamma) * g2
         w2 = w2 @ (alpha_t * eye - eta_t * k_t.mT @ k_t) - eta_t * s2
         if w1 is not None:
             g1 = e.mT @ h
-            s1 = g1 if gamma is None else gamma * s1 + g1
+            s1 = g1 if gamma is None else gamma * s1 + (1 - gamma) * g1
             w1 = alpha_t * w1 - eta_t * s1
         outs.append(memory_forward(None if w1 is None else w1[:, n_proj:], w2[:, n_proj:], q[..., tok, :]))
     if gamma is None:

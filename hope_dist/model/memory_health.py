@@ -1,0 +1,62 @@
+"""Memory health: what the fast weights do inside the recurrence, cheap enough to log every step.
+
+A run whose memories are about to blow up shows it here first: the fast weights' norm at the end
+of a document grows, the inner loss grows, eta climbs or alpha drops. One sample is probed per
+layer and step (the longest document of the micro-batch's first row, exactly as training runs it:
+same conv features, a fresh state at the document start), without gradients. The document is read
+in proj_chunk segments with the state carried (equal to one call by the op's contract), so the
+chunk-start state of every segment is at hand for eta, alpha and the inner loss.
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels.hope_memory import hope_memory
+from kernels.hope_memory.naive import heads_first, initial_memory_state, memory_forward, projections
+from kernels.hope_memory.types import MemoryParams
+
+STATS = ("fw_norm_max", "fw_norm_mean", "eta_mean", "alpha_mean", "inner_loss")
+
+
+def longest_document(seg: torch.Tensor | None, length: int) -> slice:
+    """The token range of the longest document in one row's segment ids (the whole row if None)."""
+    if seg is None:
+        return slice(0, length)
+    counts = torch.bincount(seg)
+    doc = int(counts.argmax())
+    start = int(counts[:doc].sum())
+    return slice(start, start + int(counts[doc]))
+
+
+@torch.no_grad()
+def memory_health(q: torch.Tensor, params: MemoryParams, inputs: dict, common: dict) -> dict[str, float]:
+    """q (1, T, H, d_h) and the op's inputs for one document; common: the op's chunk/flag kwargs.
+    Returns STATS: the final fast weights' Frobenius norm (max and mean over memories and heads,
+    W1 and W2 together), the mean eta and alpha, and the mean inner loss 1/2 ||M_o(k) - vhat||^2 of
+    M_o, all at the last proj_chunk boundary."""
+    span = common["proj_chunk"]
+    selfmod = "a" in inputs
+    state = initial_memory_state(params, 1)
+    etas, alphas, losses = [], [], []
+    for t0 in range(0, q.shape[1], span):
+        part = {n: x[:, t0:t0 + span] for n, x in inputs.items()}
+        w1, w2 = state.w1, state.w2
+        if selfmod:
+            k, v, eta, alpha = projections(None if w1 is None else w1[:, :4], w2[:, :4], heads_first(part["a"]),
+                                           params, common["eta_max"])
+        else:
+            k, v, eta, alpha = (heads_first(part[n]) for n in ("k", "v", "eta", "alpha"))
+        o1, o2 = (None if w1 is None else w1[:, -1:]), w2[:, -1:]
+        vhat = memory_forward(o1, o2, v) if selfmod and common["selfgen"] else v
+        losses.append(0.5 * (memory_forward(o1, o2, k) - vhat).square().sum(-1).flatten())
+        etas.append(eta.flatten())
+        alphas.append(alpha.flatten())
+        _, state = hope_memory(q[:, t0:t0 + span], params, **part, **common, initial_state=state,
+                               output_final_state=True)
+    sq = state.w2.square().sum((-1, -2))
+    if state.w1 is not None:
+        sq = sq + state.w1.square().sum((-1, -2))
+    norms = sq.sqrt()
+    return {"fw_norm_max": float(norms.max()), "fw_norm_mean": float(norms.mean()),
+            "eta_mean": float(torch.cat(etas).mean()), "alpha_mean": float(torch.cat(alphas).mean()),
+            "inner_loss": float(torch.cat(losses).mean())}
