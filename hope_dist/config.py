@@ -90,6 +90,14 @@ class DataConfig:
     weights: list[float] | None = None
     tokenizer: str | None = None
     eod_id: int | None = None
+    valid_paths: list[str] = field(default_factory=list)  # held-out Megatron prefixes
+    valid_fraction: float = 0.0  # or: hold out this fraction of the training documents
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # validate every this many steps (and after the last); 0: never
+    tokens: int = 65536  # validation tokens per evaluation (rounded up to whole global batches)
 
 
 @dataclass
@@ -130,6 +138,7 @@ class JobConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -227,6 +236,19 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(
             f"data.weights has {len(cfg.data.weights)} entries but data.paths has "
             f"{len(cfg.data.paths)}: give one weight per path")
+    d, e = cfg.data, cfg.eval
+    if not 0 <= d.valid_fraction < 1:
+        raise ConfigError(f"data.valid_fraction={d.valid_fraction} must be in [0, 1): the share of training "
+                          "documents held out for validation")
+    if d.valid_fraction > 0 and d.valid_paths:
+        raise ConfigError("data.valid_paths and data.valid_fraction are both set: hold out documents of the "
+                          "training data (valid_fraction) or use separate files (valid_paths), not both")
+    if e.every < 0:
+        raise ConfigError(f"eval.every={e.every} must be >= 0 (0 turns validation off)")
+    _positive("eval.tokens", e.tokens)
+    if e.every > 0 and not d.valid_paths and d.valid_fraction == 0:
+        raise ConfigError(f"eval.every={e.every} needs validation data: set data.valid_fraction (e.g. 0.01) "
+                          "or data.valid_paths, or set eval.every=0")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last} must be >= 1")
 

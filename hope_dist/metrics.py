@@ -22,6 +22,7 @@ class MetricsLogger:
         self.bar = None
         self.file = None
         self.wandb = None
+        self.last_val = None
         if not self.active:
             return
         if cfg.jsonl:
@@ -43,10 +44,14 @@ class MetricsLogger:
             self.file.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+        if "val_loss" in metrics:
+            self.last_val = metrics["val_loss"]
         if self.bar is not None:
             self.bar.update(step + 1 - self.bar.n)
-            if step % self.cfg.log_every == 0:
+            if step % self.cfg.log_every == 0 or "val_loss" in metrics:
                 extra = {"fw_norm": f"{metrics['mem/fw_norm_max']:.3g}"} if "mem/fw_norm_max" in metrics else {}
+                if self.last_val is not None:
+                    extra["val_loss"] = f"{self.last_val:.4f}"
                 self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
                                      tok_s=f"{metrics['tokens_per_s']:.0f}",
                                      ticked=",".join(metrics["ticked"]) or "-", **extra)

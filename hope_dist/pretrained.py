@@ -8,6 +8,9 @@ Folder layout:
                                    --max-shard-size, model-0000i-of-0000n.safetensors with
                                    model.safetensors.index.json ({"metadata", "weight_map"})
   tokenizer.json                   when known (tokenizers.Tokenizer), with tokenizer_config.json
+  configuration_hope.py,           two-line shims importing hope_dist.hf_modeling, named by config.json's
+  modeling_hope.py                 auto_map, so AutoModelForCausalLM.from_pretrained(DIR,
+                                   trust_remote_code=True) loads the folder (docs/eval_harness.md)
 
 `HopeLM` carries the fast-weight state across calls. A memory op counts its chunks from the
 start of each call, so the state is carried only at multiples of `proj_chunk` tokens: the
@@ -35,6 +38,15 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 TOKENIZER = "tokenizer.json"
+EOT = "<|endoftext|>"
+# transformers' remote code: thin shims, the logic lives in hope_dist.hf_modeling (installed).
+REMOTE_CODE = {
+    "configuration_hope.py": '"""transformers remote code for hope_dist exports (pip install hope-dist[eval])."""\n'
+                             "from hope_dist.hf_modeling import HopeConfig  # noqa: F401\n",
+    "modeling_hope.py": '"""transformers remote code for hope_dist exports (pip install hope-dist[eval])."""\n'
+                        "from hope_dist.hf_modeling import HopeConfig, HopeForCausalLM  # noqa: F401\n",
+}
+AUTO_MAP = {"AutoConfig": "configuration_hope.HopeConfig", "AutoModelForCausalLM": "modeling_hope.HopeForCausalLM"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -76,13 +88,21 @@ def save_pretrained(folder: Path, weights: dict[str, torch.Tensor], model_cfg: M
     config = {"architectures": ["HopeModel"], "model_type": "hope", "torch_dtype": name,
               "vocab_size": model_cfg.vocab_size, "hidden_size": model_cfg.d_model,
               "num_hidden_layers": model_cfg.n_layers, "num_attention_heads": model_cfg.n_heads,
-              "hope_dist": {"format": FORMAT, "model": dataclasses.asdict(model_cfg), "source": source or {}}}
-    (folder / CONFIG).write_text(json.dumps(config, indent=1))
+              "hope_dist": {"format": FORMAT, "model": dataclasses.asdict(model_cfg), "source": source or {}},
+              "auto_map": AUTO_MAP, "tie_word_embeddings": model_cfg.tie_embeddings, "use_cache": False}
     if tokenizer is not None:
         shutil.copyfile(tokenizer, folder / TOKENIZER)
         (folder / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
+            {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOT,
              "model_max_length": None}, indent=1))
+        from tokenizers import Tokenizer
+
+        eot = Tokenizer.from_file(str(folder / TOKENIZER)).token_to_id(EOT)
+        if eot is not None:  # generate() stops there
+            config["eos_token_id"] = eot
+    (folder / CONFIG).write_text(json.dumps(config, indent=1))
+    for file, text in REMOTE_CODE.items():
+        (folder / file).write_text(text)
     return folder
 
 
@@ -134,6 +154,18 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
                 raise PretrainedError(f"{file}: holds {stray[:3]} which {INDEX} does not map to it")
         weights.update(part)
     return weights
+
+
+def check_tokenizer(tokenizer, vocab_size: int, file: Path) -> None:
+    """A tokenizer with more ids than the model's embedding rows would index past it (an opaque
+    IndexError deep in the model); name both sizes and the fix instead."""
+    n = tokenizer.get_vocab_size(with_added_tokens=True)
+    if n > vocab_size:
+        raise PretrainedError(
+            f"{file}: the tokenizer has {n} tokens but the model's vocab_size is {vocab_size} (config.json "
+            f"hope_dist.model.vocab_size): ids >= {vocab_size} have no embedding. Export the folder with the "
+            f"tokenizer the model was trained on: python -m tools.convert export-hf CKPT OUT --tokenizer "
+            f"PATH/tokenizer.json")
 
 
 def build_from_weights(model_cfg: ModelConfig, weights: dict[str, torch.Tensor], source: str,
@@ -273,11 +305,12 @@ def from_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
     """Load an exported folder for scoring and generation (see HopeLM)."""
     folder = Path(path)
     model_cfg = read_config(folder)
-    files = folder / (INDEX if (folder / INDEX).is_file() else WEIGHTS)
-    model = build_from_weights(model_cfg, read_weights(folder), f"{files} vs {folder / CONFIG}", device, dtype)
     tokenizer = None
     if (folder / TOKENIZER).is_file():
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_file(str(folder / TOKENIZER))
+        check_tokenizer(tokenizer, model_cfg.vocab_size, folder / TOKENIZER)
+    files = folder / (INDEX if (folder / INDEX).is_file() else WEIGHTS)
+    model = build_from_weights(model_cfg, read_weights(folder), f"{files} vs {folder / CONFIG}", device, dtype)
     return HopeLM(model, tokenizer)

@@ -33,6 +33,7 @@ from hope_dist.checkpoint import (Checkpointer, check_model_config, clock_for_dp
 from hope_dist.clock import CMSClock, build_clock_groups
 from hope_dist.config import JobConfig, OptimConfig
 from hope_dist.data import build_train_stream
+from hope_dist.data.validation import build_validation_set
 from hope_dist.metrics import MetricsLogger
 from hope_dist.model import build_model, count_parameters, document_segments
 from hope_dist.model.memory_health import STATS as HEALTH_STATS
@@ -100,12 +101,18 @@ class Trainer:
         self.data = build_train_stream(cfg.data.paths, cfg.data.weights, seq_len=t.seq_len,
                                        global_batch=t.global_batch, dp_rank=self.dp_rank,
                                        dp_size=self.dp_size, seed=t.seed, eod_id=cfg.data.eod_id,
-                                       tokenizer=cfg.data.tokenizer)
+                                       tokenizer=cfg.data.tokenizer, valid_fraction=cfg.data.valid_fraction)
         if self.data.vocab_size > cfg.model.vocab_size:
             raise ValueError(
                 f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "
                 f"({self.data.vocab_size}); set --model.vocab_size={self.data.vocab_size} or larger")
         self.eod_id = self.data.eod_id if t.reset_state_at_eod else None
+        self.valid = None
+        if cfg.eval.every > 0:
+            self.valid = build_validation_set(cfg.data.paths, cfg.data.valid_paths, cfg.data.valid_fraction,
+                                              seq_len=t.seq_len, tokens=cfg.eval.tokens, global_batch=t.global_batch,
+                                              dp_rank=self.dp_rank, dp_size=self.dp_size,
+                                              vocab_size=cfg.model.vocab_size)
 
         self.model = build_model(cfg.model, self.device)  # whole and initialised on every rank
         self.parallel = parallelize(self.model, cfg, self.dims, self.device, self.amp_dtype)  # prunes, shards
@@ -220,18 +227,48 @@ class Trainer:
     def _request_stop(self, signum, _frame) -> None:
         self._stop_signal = signal.Signals(signum).name
 
-    def _loss_and_backward(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _forward_loss(self, tokens: torch.Tensor, labels: torch.Tensor, backward: bool = True) -> torch.Tensor:
+        """Token-sum loss of one micro-batch (zero off the last pipeline stage), and its backward."""
         def segments(t):
             return document_segments(t, self.eod_id) if self.eod_id is not None else None
 
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
-            if self.parallel.pipeline is not None:  # every stage's forward and backward
-                return self.parallel.pipeline.step(tokens, labels, segments)
+            if self.parallel.pipeline is not None:  # every stage's forward (and backward)
+                return self.parallel.pipeline.step(tokens, labels, segments, backward)
             logits = self.model(tokens, segments(tokens))
         loss = self.parallel.loss(logits, labels)  # token sum; vocab-parallel under tp
-        loss.backward()
+        if backward:
+            loss.backward()
         return loss.detach()
+
+    def _global_sums(self, loss_sum: torch.Tensor, tokens: int) -> torch.Tensor:
+        """(loss sum, token count) over data-parallel ranks and pipeline stages, float64."""
+        stats = torch.stack([loss_sum.double(), torch.tensor(float(tokens), dtype=torch.float64,
+                                                             device=self.device)])
+        if self.dp_group is not None:
+            dist.all_reduce(stats, group=self.dp_group)
+        if self.dims.group("pp") is not None:  # only the last stage has the loss
+            loss_total = stats[:1].clone()
+            dist.all_reduce(loss_total, group=self.dims.group("pp"))
+            stats[0] = loss_total[0]
+        return stats
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Mean loss over the held-out set (data/validation.py), the same under every layout."""
+        t0 = time.perf_counter()
+        loss_sum, tokens = torch.zeros((), device=self.device), 0
+        with loss_context(self.parallel.tp_mesh):
+            for batch in self.valid.batches():
+                for tok, lab in zip(batch["tokens"].split(self.cfg.training.micro_batch),
+                                    batch["labels"].split(self.cfg.training.micro_batch)):
+                    loss_sum += self._forward_loss(tok.to(self.device), lab.to(self.device), backward=False)
+                    tokens += lab.numel()
+        stats = self._global_sums(loss_sum, tokens)
+        val_loss = (stats[0] / stats[1]).item()
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0)), "val_tokens": int(stats[1].item()),
+                "val_time_s": time.perf_counter() - t0}
 
     def train_step(self) -> dict:
         t0 = time.perf_counter()
@@ -244,17 +281,10 @@ class Trainer:
             mixer.probe_health = probe
         with loss_context(self.parallel.tp_mesh):
             for tok, lab in zip(tokens.split(cfg.training.micro_batch), labels.split(cfg.training.micro_batch)):
-                loss_sum += self._loss_and_backward(tok, lab)
+                loss_sum += self._forward_loss(tok, lab)
         if self.step == self._inject_nonfinite_step and self.dp_rank == self.dp_size - 1:
             loss_sum = loss_sum + float("nan")  # on all tp/pp ranks of it, as a real NaN would be
-        stats = torch.stack([loss_sum.double(), torch.tensor(float(labels.numel()), dtype=torch.float64,
-                                                             device=self.device)])
-        if self.dp_group is not None:
-            dist.all_reduce(stats, group=self.dp_group)
-        if self.dims.group("pp") is not None:  # only the last stage has the loss
-            loss_total = stats[:1].clone()
-            dist.all_reduce(loss_total, group=self.dims.group("pp"))
-            stats[0] = loss_total[0]
+        stats = self._global_sums(loss_sum, labels.numel())
         step_tokens = int(stats[1].item())
         loss = (stats[0] / stats[1]).item()
         step = self.step
@@ -342,6 +372,9 @@ class Trainer:
         try:
             while self.step < cfg.training.steps:
                 last = self.train_step()
+                every = cfg.eval.every
+                if every > 0 and (self.step % every == 0 or self.step == cfg.training.steps):
+                    last.update(self.validate())
                 logger.log(self.step - 1, last)
                 if last.get("skipped_nonfinite"):
                     logger.print(f"step {self.step - 1}: non-finite loss, update skipped (training.nonfinite=skip)")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Create .venv and install hope_dist with its test extras. Installs the CPU torch 2.13.0 wheel
-# first (a fresh machine has it locally) so nothing pulls a CUDA build; on a GPU machine set
-# TORCH_SPEC to the torch you want, e.g. TORCH_SPEC="torch==2.13.0" with the CUDA index.
+# Create .venv and install hope_dist with its test extras (dev; eval = lm-eval + transformers,
+# tests/test_lm_eval.py; override with EXTRAS=dev). Installs the CPU torch 2.13.0 wheel first (a
+# fresh machine has it locally) so nothing pulls a CUDA build; on a GPU machine set TORCH_SPEC to
+# the torch you want, e.g. TORCH_SPEC="torch==2.13.0" with the CUDA index.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -9,5 +10,5 @@ PY=${PYTHON:-python3}
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
-python -m pip install -q -e ".[${EXTRAS:-dev}]"
+python -m pip install -q -e ".[${EXTRAS:-dev,eval}]"
 python -c "import torch, megatron.core, tokenizers; print(f'hope_dist env ready: torch {torch.__version__}')"

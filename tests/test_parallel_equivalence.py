@@ -23,6 +23,7 @@ from hope_dist.trainer import Trainer
 from conftest import tiny_overrides
 
 STEPS = 6
+HEALTH_TOL = 1e-5
 PERIODS = (1, 2, 3)
 
 
@@ -31,7 +32,8 @@ def overrides(dataset, run_dir, **extra) -> list[str]:
     cms = "[" + ", ".join(f"{{width: 32, period: {p}}}" for p in PERIODS) + "]"
     # lr 1e-3: Adam's first steps normalise every gradient element, float rounding included
     base = {"model.n_heads": 4, "model.cms": cms, "training.steps": STEPS, "training.global_batch": 8,
-            "training.micro_batch": 2, "optim.warmup_steps": 2, "optim.lr": 1e-3}
+            "training.micro_batch": 2, "optim.warmup_steps": 2, "optim.lr": 1e-3,
+            "data.valid_fraction": 0.1, "eval.every": STEPS, "eval.tokens": 512}
     base.update(extra)
     return tiny_overrides(prefix, vocab, eod, run_dir, **base)
 
@@ -65,6 +67,7 @@ def _worker(rank: int, world: int, port: int, runs: dict[str, list[str]], out: s
         trainer = Trainer(load_config(None, args))
         group_bytes = {g.name: sum(_tp_local_bytes(p) for _, p in g.params) for g in trainer.groups}
         rows = [trainer.train_step() for _ in range(STEPS)]
+        rows[-1].update(trainer.validate())
         params = {n: _full(p) for n, p in trainer.model.named_parameters()}
         local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in trainer.model.parameters())
         torch.save({"rows": rows, "params": params, "group_bytes": group_bytes, "dp_size": trainer.dp_size,
@@ -88,7 +91,8 @@ def references(random_dataset, tmp_path_factory) -> dict[int, dict]:
         run_dir = tmp_path_factory.mktemp("ref")
         trainer = Trainer(load_config(None, overrides(random_dataset, run_dir, **{"model.n_layers": n_layers})))
         rows = [trainer.train_step() for _ in range(STEPS)]
-        refs[n_layers] = {"losses": [r["loss"] for r in rows],
+        rows[-1].update(trainer.validate())
+        refs[n_layers] = {"losses": [r["loss"] for r in rows], "rows": rows,
                           "params": {n: p.detach().clone() for n, p in trainer.model.named_parameters()}}
     return refs
 
@@ -109,6 +113,14 @@ def check_equivalent(results: list[dict], ref: dict) -> None:
         losses = [r["loss"] for r in res["rows"]]
         for s, (a, b) in enumerate(zip(losses, ref["losses"])):
             assert abs(a - b) <= 1e-5 * abs(b), (s, losses, ref["losses"])
+        val, val_ref = res["rows"][-1], ref["rows"][-1]
+        assert val["val_tokens"] == val_ref["val_tokens"] > 0
+        assert abs(val["val_loss"] - val_ref["val_loss"]) <= 1e-5 * val_ref["val_loss"], (val, val_ref)
+        for s, (row, row_ref) in enumerate(zip(res["rows"], ref["rows"])):  # memory health, as one process
+            health = {k: v for k, v in row_ref.items() if k.startswith("mem/")}
+            assert health and {k: v for k, v in row.items() if k.startswith("mem/")}.keys() == health.keys()
+            for k, v in health.items():
+                assert abs(row[k] - v) <= HEALTH_TOL * abs(v), (s, k, row[k], v)
     merged = {}
     for res in results:
         for name, t in res["params"].items():

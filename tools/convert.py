@@ -103,7 +103,8 @@ def export_hf(ckpt: str, out: str, dtype: str = "fp32", tokenizer: str | None = 
     model_cfg = from_dict(JobConfig, meta["config"]).model
     return save_pretrained(Path(out), read_model(path), model_cfg, dtype=DTYPES[dtype], tokenizer=tokenizer,
                            max_shard_bytes=max_shard_bytes,
-                           source={"checkpoint": str(path), "step": meta["step"], "git_commit": meta.get("git_commit")})
+                           source={"checkpoint": str(path), "step": meta["step"], "git_commit": meta.get("git_commit"),
+                                   "seq_len": meta["config"].get("training", {}).get("seq_len")})
 
 
 def import_hf(folder: str, out: str, base: str | None = None) -> Path:

@@ -17,18 +17,23 @@ logger = logging.getLogger("hope_dist.data")
 
 
 class DatasetSamples:
-    def __init__(self, data: TokenFile, seq_len: int, seed: int, stream_id: int):
+    """docs: the document indices this stream draws from (None: all; a validation split removes its
+    held-out documents here)."""
+
+    def __init__(self, data: TokenFile, seq_len: int, seed: int, stream_id: int, docs: np.ndarray | None = None):
         self.data, self.seq_len, self.seed, self.stream_id = data, seq_len, seed, stream_id
-        self.per_epoch = (data.num_tokens - 1) // seq_len
+        self.docs = np.arange(data.num_documents) if docs is None else docs
+        num_tokens = int(data.doc_len[self.docs].sum())
+        self.per_epoch = (num_tokens - 1) // seq_len
         if self.per_epoch < 1:
-            raise ValueError(f"{data.prefix} holds {data.num_tokens} tokens, fewer than one sample "
+            raise ValueError(f"{data.prefix} holds {num_tokens} training tokens, fewer than one sample "
                              f"of seq_len + 1 = {seq_len + 1}; use a shorter seq_len or more data")
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def _epoch(self, e: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if e not in self._epochs:
             rng = np.random.default_rng([self.seed, self.stream_id, e])
-            docs = rng.permutation(self.data.num_documents)
+            docs = self.docs[rng.permutation(len(self.docs))]
             ends = np.zeros(len(docs) + 1, dtype=np.int64)
             np.cumsum(self.data.doc_len[docs], out=ends[1:])
             order = rng.permutation(self.per_epoch)

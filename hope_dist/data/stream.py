@@ -16,6 +16,7 @@ from hope_dist.data.blend import BlendSchedule
 from hope_dist.data.samples import DatasetSamples
 from hope_dist.data.token_file import TokenFile
 from hope_dist.data.tokenizer_info import EOD_TOKEN, tokenizer_info
+from hope_dist.data.validation import split_documents
 
 logger = logging.getLogger("hope_dist.data")
 
@@ -65,7 +66,8 @@ class TrainStream:
 
 def build_train_stream(paths: list[str], weights: list[float] | None, *, seq_len: int,
                        global_batch: int, dp_rank: int, dp_size: int, seed: int,
-                       eod_id: int | None = None, tokenizer: str | None = None) -> TrainStream:
+                       eod_id: int | None = None, tokenizer: str | None = None,
+                       valid_fraction: float = 0.0) -> TrainStream:
     """Open the datasets and check every argument; errors say which one and how to fix it."""
     if isinstance(paths, (str, os.PathLike)) or not paths:
         raise ValueError(f"data paths must be a non-empty list of dataset prefixes, got {paths!r}")
@@ -85,7 +87,11 @@ def build_train_stream(paths: list[str], weights: list[float] | None, *, seq_len
     files = [TokenFile(p) for p in paths]
     if weights is None:  # plain concatenation: each dataset in proportion to its size
         weights = [float(f.num_tokens) for f in files]
-    datasets = [DatasetSamples(f, seq_len, seed, k) for k, f in enumerate(files)]
+    if valid_fraction > 0:  # the held-out documents (data/validation.py) never enter training
+        datasets = [DatasetSamples(f, seq_len, seed, k, split_documents(f.num_documents, valid_fraction)[0])
+                    for k, f in enumerate(files)]
+    else:
+        datasets = [DatasetSamples(f, seq_len, seed, k) for k, f in enumerate(files)]
 
     vocab_size, tok_eod = tokenizer_info(tokenizer) if tokenizer else (None, None)
     if vocab_size is None:

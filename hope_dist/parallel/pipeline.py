@@ -155,15 +155,15 @@ class Pipeline:
         arg = stages if cls is ScheduleInterleaved1F1B else stages[0]
         self.schedule = cls(arg, self.n_micro, loss_fn=loss_fn, scale_grads=False)
 
-    def step(self, tokens: torch.Tensor, labels: torch.Tensor, segs_of) -> torch.Tensor:
-        """Forward+backward `tokens` in `n_micro` microbatches; returns this rank's loss sum
-        (zero off the last stage). segs_of(tokens) -> Segments or None, per microbatch."""
+    def step(self, tokens: torch.Tensor, labels: torch.Tensor, segs_of, backward: bool = True) -> torch.Tensor:
+        """Forward+backward (or forward only) `tokens` in `n_micro` microbatches; returns this rank's
+        loss sum (zero off the last stage). segs_of(tokens) -> Segments or None, per microbatch."""
         for view in self.views:
             view.segs.extend(segs_of(t) for t in tokens.tensor_split(self.n_micro))
         losses: list[torch.Tensor] = []
         args = (tokens,) if self.first else ()
         kwargs = {"target": labels, "losses": losses} if self.last else {}
-        self.schedule.step(*args, **kwargs)
+        (self.schedule.step if backward else self.schedule.eval)(*args, **kwargs)
         if any(view.segs for view in self.views):
             raise RuntimeError("a pipeline stage ran fewer forwards than microbatches")
         return torch.stack(losses).sum().detach() if losses else torch.zeros((), device=tokens.device)
