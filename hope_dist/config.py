@@ -42,6 +42,7 @@ class ModelConfig:
     eta_max: float = 1.0
     selfgen_values: bool = True
     stopgrad_vhat: bool = True
+    w1_delta: bool = True  # depth 2: the delta rule on W1 too (docs/memory_op.md); false: the spec's gated W1
     momentum: bool | None = None  # None: off for selfmod, on for titans (spec section 1)
     conv_width: int = 4
     kernel: str = "auto"  # auto (triton on CUDA, torch on CPU) | triton | torch | naive

@@ -4,7 +4,7 @@ carried state, packed documents, the spec's conventions, input validation)."""
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -28,6 +28,7 @@ class Case:
     seq: int = 40
     dtype: torch.dtype = torch.float64
     given_state: bool = False
+    w1_delta: bool = True
 
 
 FACTORS = {
@@ -63,8 +64,8 @@ def covering_design(factors: dict) -> list[Case]:
 
 
 def make_problem(case: Case, batch: int = 2, seed: int = 0):
-    """Random, well-conditioned inputs: realistic eta (about 0.05-0.3) and alpha (about 0.98-1),
-    so the fast weights neither vanish nor blow up over 256 tokens and errors stay visible."""
+    """Random, well-conditioned inputs: realistic eta and alpha (titans: 0.01-0.1 and 0.99-1, as trained
+    tiny models have), so the fast weights neither vanish nor blow up over 256 tokens and errors stay visible."""
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape, scale=1.0, shift=0.0):
@@ -86,7 +87,7 @@ def make_problem(case: Case, batch: int = 2, seed: int = 0):
     else:
         params = MemoryParams(w1, w2, gamma=gamma)
         inputs = {"k": l2norm(randn(*shape)), "v": l2norm(randn(*shape)),
-                  "eta": uniform(0.05, 0.3, *shape[:3]), "alpha": uniform(0.98, 1.0, *shape[:3])}
+                  "eta": uniform(0.01, 0.1, *shape[:3]), "alpha": uniform(0.99, 1.0, *shape[:3])}
     state = None
     if case.given_state:
         noise = lambda x: None if x is None else x.expand(batch, *x.shape) + randn(batch, *x.shape, scale=0.1)
@@ -152,14 +153,15 @@ CASES = covering_design(FACTORS)
 def _case_id(case: Case) -> str:
     return (f"{case.variant}-d{case.depth}-{'mom' if case.momentum else 'nomom'}-"
             f"{'selfgen' if case.selfgen else 'v'}-{'sg' if case.stopgrad else 'nosg'}-C{case.chunk}"
-            f"x{case.proj_mult}-T{case.seq}-{str(case.dtype)[6:]}-{'state' if case.given_state else 'fresh'}")
+            f"x{case.proj_mult}-T{case.seq}-{str(case.dtype)[6:]}-{'state' if case.given_state else 'fresh'}"
+            f"{'' if case.w1_delta else '-w1gated'}")
 
 
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("case", CASES + [replace(c, w1_delta=False) for c in CASES if c.depth == 2], ids=_case_id)
 def test_chunked_matches_naive(case: Case):
     q, params, inputs, state = make_problem(case)
     kwargs = dict(chunk=case.chunk, proj_chunk=case.chunk * case.proj_mult, selfgen=case.selfgen,
-                  stopgrad_vhat=case.stopgrad)
+                  stopgrad_vhat=case.stopgrad, w1_delta=case.w1_delta)
     want = forward_backward(q, params, inputs, state, impl="naive", **kwargs)
     got = forward_backward(q, params, inputs, state, impl="torch", **kwargs)
     tol = 1e-10 if case.dtype == torch.float64 else 1e-4
@@ -308,7 +310,8 @@ def test_chunk_one_is_sequential_rule(impl, momentum):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_selfmod_matches_rule_written_with_autograd(impl, chunk, proj_chunk):
     """Section 2 for one sequence, one head and memory at a time, with every inner gradient taken
-    by autograd (independent of the op's closed forms): depth 2, momentum, self-generated targets."""
+    by autograd (independent of the op's closed forms): depth 2, momentum, self-generated targets,
+    W1 on the delta rule along its unit input (docs/memory_op.md)."""
     case = Case(seq=11)
     q, params, inputs, _ = make_problem(case, batch=1)
     o, final = hope_memory(q, params, **inputs, output_final_state=True, chunk=chunk, proj_chunk=proj_chunk, impl=impl)
@@ -319,7 +322,7 @@ def test_selfmod_matches_rule_written_with_autograd(impl, chunk, proj_chunk):
     def unit(x):
         return x / torch.sqrt(x.square().sum() + 1e-6)
 
-    a, eye = inputs["a"][0], torch.eye(D_H, dtype=q.dtype)
+    a, eye, eye_m = inputs["a"][0], torch.eye(D_H, dtype=q.dtype), torch.eye(D_M, dtype=q.dtype)
     for h in range(HEADS):
         w1, w2 = list(params.w1[:, h]), list(params.w2[:, h])
         s1, s2 = [torch.zeros_like(x) for x in w1], [torch.zeros_like(x) for x in w2]
@@ -339,7 +342,8 @@ def test_selfmod_matches_rule_written_with_autograd(impl, chunk, proj_chunk):
                 g1, g2 = torch.autograd.grad(loss, (c1, c2))
                 s1[m], s2[m] = gamma * s1[m] + (1 - gamma) * g1, gamma * s2[m] + (1 - gamma) * g2
                 w2[m] = w2[m] @ (alpha * eye - eta * torch.outer(k, k)) - eta * s2[m]
-                w1[m] = alpha * w1[m] - eta * s1[m]
+                hn = unit(F.silu(c2 @ k))  # W1's input at the chunk start, as its gradient's
+                w1[m] = w1[m] @ (alpha * eye_m - eta * torch.outer(hn, hn)) - eta * s1[m]
             assert_rel_close(o[0, t, h], memory(w1[4], w2[4], q[0, t, h]), 1e-12, f"o at t={t}, head {h}")
         for m in range(5):
             assert_rel_close(final.w1[0, m, h], w1[m], 1e-12, f"final W1 of memory {m}, head {h}")

@@ -1,6 +1,7 @@
 """The Triton path of the HOPE memory op (kernels/hope_memory/chunk.py) against the per-token
 reference: outputs, final state and the gradient of every input, on CPU under the Triton
-interpreter (float32 kernels vs the float64 reference), and bf16 on a GPU when one is there."""
+interpreter (float32 kernels vs the float64 reference), and bf16 on a GPU when one is there. The
+kernels implement W1's gated update, so every comparison runs with w1_delta=False."""
 from __future__ import annotations
 
 import os
@@ -66,7 +67,7 @@ def forward_backward(impl, dtype, q, params, inputs, state, seed=1, **kwargs):
     for x in leaves.values():
         x.requires_grad_(True)
     fn = chunk_hope_memory if impl == "triton" else lambda *a, **k: hope_memory(*a, **k, impl=impl)
-    o, final = fn(q, params, **inputs, initial_state=state, output_final_state=True, **kwargs)
+    o, final = fn(q, params, **inputs, initial_state=state, output_final_state=True, w1_delta=False, **kwargs)
     gen = torch.Generator().manual_seed(seed)
     outs = [o] + [x for x in final if x is not None]
     upstream = [torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x) for x in outs]
@@ -123,7 +124,7 @@ def test_matches_reference(name):
 def test_chunk_lengths_forward(chunk, proj_chunk):
     """Outputs and final state for chunk lengths below, at and above the 16-row tile."""
     q, params, inputs, _ = make_problem(batch=1, seq=63, heads=1)
-    kw = dict(output_final_state=True, chunk=chunk, proj_chunk=proj_chunk)
+    kw = dict(output_final_state=True, chunk=chunk, proj_chunk=proj_chunk, w1_delta=False)
     o, final = chunk_hope_memory(cast(q, torch.float32), cast(params, torch.float32),
                                  **{n: cast(x, torch.float32) for n, x in inputs.items()}, **kw)
     o_ref, final_ref = hope_memory(q, params, **inputs, **kw, impl="naive")
@@ -137,7 +138,7 @@ def test_two_segments_equal_one():
     q, params, inputs, _ = make_problem(batch=1, seq=48, heads=1)
     q, params = cast(q, torch.float32), cast(params, torch.float32)
     inputs = {n: cast(x, torch.float32) for n, x in inputs.items()}
-    kw = dict(output_final_state=True, chunk=8, proj_chunk=16, impl="triton")
+    kw = dict(output_final_state=True, chunk=8, proj_chunk=16, impl="triton", w1_delta=False)
     o, final = hope_memory(q, params, **inputs, **kw)
     first = {n: x[:, :32] for n, x in inputs.items()}
     second = {n: x[:, 32:] for n, x in inputs.items()}
@@ -167,10 +168,12 @@ def test_16bit_inputs():
     (lambda p: p.update(a=p["a"][:, :10]), ValueError, "`a` has shape"),
     (lambda p: p.update(params=p["params"]._replace(gamma=torch.zeros(2))), NotImplementedError, 'impl="torch"'),
     (lambda p: p.update(cu_seqlens=torch.tensor([0, 10, 63])), ValueError, "batch must be 1"),
+    (lambda p: p.update(w1_delta=True), NotImplementedError, r"W1's delta rule .* w1_delta=False"),
 ])
 def test_bad_input_is_named(mutate, error, words):
     q, params, inputs, _ = make_problem()
-    problem = dict(q=q.float(), params=cast(params, torch.float32), a=inputs["a"].float(), chunk=16, proj_chunk=32)
+    problem = dict(q=q.float(), params=cast(params, torch.float32), a=inputs["a"].float(), chunk=16, proj_chunk=32,
+                   w1_delta=False)
     mutate(problem)
     with pytest.raises(error, match=words):
         chunk_hope_memory(problem.pop("q"), problem.pop("params"), **problem)
@@ -185,7 +188,7 @@ def test_bf16_on_gpu_matches_float32_reference(variant):
     q, params, inputs, _ = make_problem(variant=variant, batch=2, seq=300, heads=4, d_h=64)
     poison = torch.full((64 << 20,), float("nan"), device=DEVICE)
     del poison
-    kw = dict(chunk=64, proj_chunk=128)
+    kw = dict(chunk=64, proj_chunk=128)  # forward_backward runs w1_delta=False
     got = forward_backward("triton", torch.bfloat16, q, params, inputs, None, **kw)
     want = forward_backward("naive", torch.float32, q, params, inputs, None, **kw)
     assert torch.isfinite(got[0]).all() and all(torch.isfinite(g).all() for g in got[2].values())

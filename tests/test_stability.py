@@ -1,9 +1,17 @@
-"""Issue 18's failure, kept as a regression test: `configs/tiny.yaml --model.mixer=titans` (seed 1234,
+"""Issue 18's failures, kept as regression tests on the inputs that produced them.
+
+1. Titans: `configs/tiny.yaml --model.mixer=titans` (seed 1234,
 quickstart data) went non-finite at step 155. The recorded input is the memory op's input in layer 1,
 row 6, head 3 of that step's batch (tests/data/...safetensors): a run of ~20 near-identical keys
 (k.k' ~ 0.99) with momentum gamma ~ 0.9. The chunk-start inner gradient is repeated for every token of
 a 16-token chunk; heavy-ball momentum (S = gamma S + G) multiplied it by up to 1 / (1 - gamma) and the
 memory overshot, chunk after chunk, to inf. The op's momentum is now an EMA (S = gamma S + (1 - gamma) G).
+
+2. HOPE: with that fixed, `configs/tiny.yaml` (selfmod, seed 0) still grew fast weights to 2.7e12 at step
+860 (hidden from the loss by the read-out's RMSNorm). The recorded input is layer 1, row 3, head 3 of
+that batch: under the spec's gated W1 update (alpha W1 - eta S1) the stale chunk-start gradient of W1
+accumulates with every repeat of a key and M_alpha's W1 reaches 3.6e13; W1's delta rule along its unit
+input (the default, w1_delta=True) keeps it near its start (docs/memory_op.md).
 """
 from pathlib import Path
 
@@ -16,6 +24,7 @@ from kernels.hope_memory import hope_memory
 from kernels.hope_memory.types import MemoryParams
 
 RECORDED = Path(__file__).parent / "data" / "titans_step155_layer1_head3.safetensors"
+RECORDED_SELFMOD = Path(__file__).parent / "data" / "selfmod_step860_layer1_head3.safetensors"
 CHUNK = 16
 
 
@@ -63,3 +72,25 @@ def test_recorded_input_stays_bounded(impl):
     assert o.abs().max() < 10  # |q| = 1 and the memory starts near the identity
     for name, start in (("w1", params.w1), ("w2", params.w2), ("s1", params.w1), ("s2", params.w2)):
         assert getattr(final, name).norm() < 4 * start.norm(), f"final {name} grew"
+
+
+def recorded_selfmod_input():
+    t = {k: v.double() for k, v in load_file(RECORDED_SELFMOD).items()}
+    params = MemoryParams(t["w1"], t["w2"], t["eta_w"], t["eta_b"], t["alpha_w"], t["alpha_b"])
+    return t["q"], params, t["a"]
+
+
+def test_recorded_selfmod_input_blew_up_under_gated_w1():
+    q, params, a = recorded_selfmod_input()
+    _, final = hope_memory(q, params, a=a, chunk=CHUNK, proj_chunk=2 * CHUNK, output_final_state=True,
+                           w1_delta=False, impl="naive")
+    assert final.w1.norm() > 1e6 * params.w1.norm()
+
+
+@pytest.mark.parametrize("impl", ["naive", "torch"])
+def test_recorded_selfmod_input_stays_bounded(impl):
+    q, params, a = recorded_selfmod_input()
+    o, final = hope_memory(q, params, a=a, chunk=CHUNK, proj_chunk=2 * CHUNK, output_final_state=True, impl=impl)
+    assert torch.isfinite(o).all() and o.abs().max() < 10
+    assert final.w1.norm() < 4 * params.w1.norm() and final.w2.norm() < 4 * params.w2.norm()
+

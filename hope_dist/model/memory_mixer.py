@@ -16,6 +16,10 @@ Choices the spec leaves open (tested in tests/test_model.py):
   EMA of the inner gradients (S_t = gamma S_{t-1} + (1 - gamma) G_t, docs/memory_op.md "Momentum"),
   so its step is eta whatever gamma is: the heavy-ball form's eta / (1 - gamma) made the
   chunk-start gradient, repeated on repetitive text, overshoot and diverge (issue 18).
+- Depth 2: W1 follows the delta rule along its unit input, W1 (alpha I - eta hn hn^T) - eta S1 with
+  hn = l2norm(h) (`model.w1_delta`, default on; docs/memory_op.md "W1's delta rule"): with the spec's
+  gated update alpha W1 - eta S1 the stale chunk-start gradient of W1 accumulates with every repeat
+  of a key and HOPE's M_alpha/M_eta memories reached norms of 1e12 in training.
 - The op runs with autocast off in at least float32 (the fast-weight state is float32 by contract).
 """
 from __future__ import annotations
@@ -110,12 +114,18 @@ class MemoryMixer(nn.Module):
                                 self.alpha_w, self.alpha_b, self.gamma)
         return MemoryParams(self.mem_w1, self.mem_w2, gamma=self.gamma)
 
+    def _op_flags(self) -> dict:
+        c = self.cfg
+        return dict(chunk=c.chunk, proj_chunk=c.proj_chunk, eta_max=c.eta_max, selfgen=c.selfgen_values,
+                    stopgrad_vhat=c.stopgrad_vhat, w1_delta=c.w1_delta)
+
     def _kernel(self, device: torch.device) -> str:
-        """auto: Triton on CUDA, the chunked PyTorch path on CPU and with momentum (which the
-        Triton kernels leave to the PyTorch paths)."""
+        """auto: Triton on CUDA, the chunked PyTorch path on CPU, with momentum and with W1's delta
+        rule at depth 2 (both of which the Triton kernels leave to the PyTorch paths)."""
         if self.cfg.kernel != "auto":
             return self.cfg.kernel
-        return "triton" if device.type == "cuda" and self.gamma is None else "torch"
+        triton_ok = self.gamma is None and (self.mem_w1 is None or not self.cfg.w1_delta)
+        return "triton" if device.type == "cuda" and triton_ok else "torch"
 
     def forward(self, x: torch.Tensor, segs: Segments | None = None, state: dict | None = None,
                 return_state: bool = False) -> tuple[torch.Tensor, dict | None]:
@@ -153,8 +163,7 @@ class MemoryMixer(nn.Module):
         """memory_health of the longest document in row 0, in float32 outside autocast."""
         doc = longest_document(None if seg is None else seg[0], q.shape[1])
         f32 = lambda x: x[:1, doc].detach().float()
-        common = dict(chunk=self.cfg.chunk, proj_chunk=self.cfg.proj_chunk, eta_max=self.cfg.eta_max,
-                      selfgen=self.cfg.selfgen_values, stopgrad_vhat=self.cfg.stopgrad_vhat, impl="torch")
+        common = dict(self._op_flags(), impl="torch")
         params = MemoryParams(*(None if p is None else p.detach().float() for p in self._params()))
         with torch.autocast(q.device.type, enabled=False):
             return memory_health(f32(q), params, {n: f32(x) for n, x in kwargs.items()}, common)
@@ -163,9 +172,7 @@ class MemoryMixer(nn.Module):
         """Packed documents become one varlen call in which the state resets at each start.
         The op itself computes in at least float32 with autocast off."""
         B, T = q.shape[:2]
-        common = dict(chunk=self.cfg.chunk, proj_chunk=self.cfg.proj_chunk, eta_max=self.cfg.eta_max,
-                      selfgen=self.cfg.selfgen_values, stopgrad_vhat=self.cfg.stopgrad_vhat,
-                      impl=self._kernel(q.device))
+        common = dict(self._op_flags(), impl=self._kernel(q.device))
         q, kwargs = q.to(torch.promote_types(q.dtype, torch.float32)), {
             k: v.to(torch.promote_types(v.dtype, torch.float32)) for k, v in kwargs.items()}
         params = MemoryParams(*(p.to(q.dtype) if p is not None else None for p in self._params()))
@@ -174,8 +181,10 @@ class MemoryMixer(nn.Module):
                 raise ValueError("carrying fast-weight state across calls is not supported together "
                                  "with document resets inside the batch; pass one document per row")
             flat = {k: v.reshape(1, B * T, *v.shape[2:]) for k, v in kwargs.items()}
-            o, _ = hope_memory(q.reshape(1, B * T, *q.shape[2:]), params,
-                               cu_seqlens=segs.cu_seqlens, **flat, **common)
+            # host offsets and max_seqlen made once per batch (segments.py): no sync in here
+            o, _ = hope_memory(q.reshape(1, B * T, *q.shape[2:]), params, cu_seqlens=segs.cu_seqlens,
+                               cu_seqlens_cpu=segs.cu_seqlens_cpu, max_seqlen=segs.max_seqlen,
+                               **flat, **common)
             return o.view(B, T, *o.shape[2:]), None
         initial = state["memory"] if state is not None else None
         return hope_memory(q, params, initial_state=initial, output_final_state=return_state,

@@ -17,6 +17,13 @@ Conventions this op fixes where the spec leaves them open (all paths follow them
 - The chunked path clamps alpha to the dtype's smallest normal number before taking its log, so
   alpha must be > 0 for it to match the reference exactly (sigmoid outputs are). The values of
   eta and alpha are not range-checked (that would need a device sync).
+- No host-device synchronisation inside the op: packed offsets come twice, on q's device
+  (`cu_seqlens`) and on the host (`cu_seqlens_cpu`, int CPU tensor, with `max_seqlen`, the longest
+  document; flash-linear-attention's and flash-attn's conventions). The host copy is read for the
+  checks and loop bounds; without it, a CPU `cu_seqlens` is its own host copy and a GPU one is copied
+  once (one sync per call; hope_dist's Segments carry the host copy, made once per batch). Under
+  torch.compile the host values are not read (that would break the graph): `max_seqlen` must be
+  given, and the offsets are trusted as validated where they were made.
 """
 from __future__ import annotations
 
@@ -43,11 +50,14 @@ def hope_memory(
     initial_state: MemoryState | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_cpu: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
     chunk: int = 64,
     proj_chunk: int = 64,
     eta_max: float = 1.0,
     selfgen: bool = True,
     stopgrad_vhat: bool = True,
+    w1_delta: bool = True,
     impl: str = "torch",
 ) -> tuple[torch.Tensor, MemoryState | None]:
     """o_t = M_{o,t}(q_t), per head, inclusive of token t's own write.
@@ -58,21 +68,40 @@ def hope_memory(
     None; momentum iff params.gamma is not None. initial_state: None starts from the params'
     weights with zero momenta. cu_seqlens: (N+1,) int offsets of packed documents (B = 1); every
     document starts from its own state (initial_state batch N, or the params) and the final state
-    has batch N. chunk: M_o's chunk; proj_chunk (a multiple of chunk): the projection memories'.
+    has batch N. cu_seqlens_cpu: the same offsets on the host (saves the device sync that reading
+    them would need); max_seqlen: the longest document (computed from the host offsets when None;
+    required under torch.compile). chunk: M_o's chunk; proj_chunk (a multiple of chunk): the projection memories'.
     selfgen: vhat_* = M_{*,c}(v_t) (selfmod only); stopgrad_vhat detaches those targets.
+    w1_delta (depth 2): W1 follows the delta rule along its unit input l2norm(h) (the default, stable;
+    docs/memory_op.md), else the spec's gated update alpha W1 - eta S1 (the only one Triton has).
     impl: "naive" (per-token reference), "torch" (chunked PyTorch) or "triton" (kernels.hope_memory.chunk).
     Returns (o (B, T, H, d_h), final MemoryState if output_final_state else None).
     """
-    flags = dict(output_final_state=output_final_state, selfgen=selfgen, stopgrad_vhat=stopgrad_vhat)
-    _check_inputs(q, params, a, k, v, eta, alpha, initial_state, cu_seqlens, chunk, proj_chunk, eta_max, impl, flags)
+    flags = dict(output_final_state=output_final_state, selfgen=selfgen, stopgrad_vhat=stopgrad_vhat,
+                 w1_delta=w1_delta)
+    max_seqlen = _check_inputs(q, params, a, k, v, eta, alpha, initial_state, cu_seqlens, cu_seqlens_cpu,
+                               max_seqlen, chunk, proj_chunk, eta_max, impl, flags)
     kwargs = dict(a=a, k=k, v=v, eta=eta, alpha=alpha, initial_state=initial_state,
-                  output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk=chunk,
-                  proj_chunk=proj_chunk, eta_max=eta_max, selfgen=selfgen, stopgrad_vhat=stopgrad_vhat)
+                  output_final_state=output_final_state, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, chunk=chunk,
+                  proj_chunk=proj_chunk, eta_max=eta_max, selfgen=selfgen, stopgrad_vhat=stopgrad_vhat,
+                  w1_delta=w1_delta)
     if impl == "triton":
         from .chunk import chunk_hope_memory
 
-        return chunk_hope_memory(q, params, **kwargs)
-    return _run_torch(naive_hope_memory if impl == "naive" else chunk_torch_hope_memory, q, params, kwargs)
+        return chunk_hope_memory(q, params, **kwargs, cu_seqlens_cpu=cu_seqlens_cpu)
+    if impl == "naive":
+        kwargs["cu_seqlens"] = _host_offsets(cu_seqlens, cu_seqlens_cpu)
+        return _run_torch(naive_hope_memory, q, params, {n: x for n, x in kwargs.items() if n != "max_seqlen"})
+    return _run_torch(chunk_torch_hope_memory, q, params, kwargs)
+
+
+def _host_offsets(cu_seqlens, cu_seqlens_cpu):
+    """The packed offsets on the host: the given copy, a CPU cu_seqlens itself, or (one sync) a copy."""
+    if cu_seqlens is None:
+        return None
+    if cu_seqlens_cpu is not None:
+        return cu_seqlens_cpu
+    return cu_seqlens if cu_seqlens.device.type == "cpu" else cu_seqlens.cpu()
 
 
 def _run_torch(fn, q, params, kwargs):
@@ -107,9 +136,10 @@ def _check_absent(name: str, x, why: str) -> None:
         raise ValueError(f"{name} must be None {why}")
 
 
-def _check_inputs(q, params, a, k, v, eta, alpha, initial_state, cu_seqlens, chunk, proj_chunk,
-                  eta_max, impl, flags: dict) -> None:
-    """Every shape, dtype and flag combination, with errors naming the argument."""
+def _check_inputs(q, params, a, k, v, eta, alpha, initial_state, cu_seqlens, cu_seqlens_cpu, max_seqlen,
+                  chunk, proj_chunk, eta_max, impl, flags: dict) -> int | None:
+    """Every shape, dtype and flag combination, with errors naming the argument. Reads packed
+    offsets only on the host; returns max_seqlen (None without cu_seqlens)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     for name, flag in flags.items():
@@ -165,12 +195,33 @@ def _check_inputs(q, params, a, k, v, eta, alpha, initial_state, cu_seqlens, chu
             raise ValueError(f"cu_seqlens needs packed input with B = 1, got B = {batch}")
         if cu_seqlens.device != q.device:
             raise ValueError(f"cu_seqlens is on {cu_seqlens.device}; it must be on q's device {q.device}")
-        cu = cu_seqlens.tolist()
-        if len(cu) < 2 or cu[0] != 0 or cu[-1] != seq or any(e <= s for s, e in zip(cu[:-1], cu[1:])):
-            raise ValueError(f"cu_seqlens must rise strictly from 0 to T = {seq} (no empty documents), got {cu}")
-        n_seq = len(cu) - 1
+        if cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens must hold at least 2 offsets (0 and T = {seq})")
+        n_seq = cu_seqlens.numel() - 1
+        if cu_seqlens_cpu is not None and (
+                not isinstance(cu_seqlens_cpu, torch.Tensor) or cu_seqlens_cpu.device.type != "cpu"
+                or cu_seqlens_cpu.shape != cu_seqlens.shape or cu_seqlens_cpu.is_floating_point()):
+            raise ValueError("cu_seqlens_cpu must be an int CPU tensor with cu_seqlens' shape (N+1,): "
+                             "the same offsets on the host")
+        if max_seqlen is not None and (not isinstance(max_seqlen, int) or max_seqlen < 1):
+            raise ValueError(f"max_seqlen must be a positive int (the longest document), got {max_seqlen!r}")
+        if torch.compiler.is_compiling():  # host values would break the graph; trusted as made
+            if max_seqlen is None:
+                raise ValueError("under torch.compile, packed input needs max_seqlen (an int): "
+                                 "reading the offsets would break the graph")
+        else:
+            cu = _host_offsets(cu_seqlens, cu_seqlens_cpu).tolist()
+            if cu[0] != 0 or cu[-1] != seq or any(e <= s for s, e in zip(cu[:-1], cu[1:])):
+                raise ValueError(f"cu_seqlens must rise strictly from 0 to T = {seq} (no empty documents), got {cu}")
+            longest = max(e - s for s, e in zip(cu[:-1], cu[1:]))
+            if max_seqlen is not None and max_seqlen < longest:
+                raise ValueError(f"max_seqlen = {max_seqlen} is shorter than the longest document ({longest})")
+            max_seqlen = longest if max_seqlen is None else max_seqlen
+    elif cu_seqlens_cpu is not None or max_seqlen is not None:
+        raise ValueError("cu_seqlens_cpu and max_seqlen go with cu_seqlens (packed input); it is None")
     if initial_state is not None:
         _check_state(initial_state, params, n_seq, q)
+    return max_seqlen
 
 
 def _check_state(state, params: MemoryParams, n_seq: int, q: torch.Tensor) -> None:

@@ -6,7 +6,8 @@ joined by register_autograd, which makes the autograd.Function), so torch.compil
 in the graph as one opaque node. The forward saves only its inputs; the backward recomputes the
 chunk-start states (chunk_fwd.py without the read-out) and runs the chunk loop in reverse
 (chunk_bwd.py). Packed documents (`cu_seqlens`) run as a batch of documents whose chunks are
-counted from each document's start.
+counted from each document's start. No host sync: the chunk count comes from `max_seqlen` (an
+int, given or computed from host offsets `cu_seqlens_cpu`), never from reading `cu_seqlens`.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def _check_tokens(name: str, x: torch.Tensor | None, shape: tuple, device: torch
     _check(x.device == device, f"`{name}` is on {x.device} but q is on {device}; move it")
 
 
-def _validate(q, params, a, k, v, eta, alpha, initial_state, cu_seqlens, chunk, proj_chunk):
+def _validate(q, params, a, k, v, eta, alpha, initial_state, cu_seqlens, cu_seqlens_cpu, chunk, proj_chunk):
     """Shape/dtype/device checks with errors that say what to change; returns (N, depth, d_m)."""
     _check(q.dim() == 4, f"q must be (B, T, H, d_h), got shape {tuple(q.shape)}")
     B, T, H, DH = q.shape
@@ -77,8 +78,9 @@ def _validate(q, params, a, k, v, eta, alpha, initial_state, cu_seqlens, chunk, 
         _check(cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 2 and not cu_seqlens.is_floating_point(),
                "cu_seqlens must be an integer tensor (N + 1,) of document offsets")
         if not torch.compiler.is_compiling():  # reading the values would break the graph
-            _check(int(cu_seqlens[0]) == 0 and int(cu_seqlens[-1]) == T and bool((cu_seqlens.diff() >= 0).all()),
-                   f"cu_seqlens must rise from 0 to T = {T}, got {cu_seqlens.tolist()}")
+            cu = (cu_seqlens_cpu if cu_seqlens_cpu is not None else cu_seqlens.cpu()).tolist()
+            _check(cu[0] == 0 and cu[-1] == T and all(e >= s for s, e in zip(cu[:-1], cu[1:])),
+                   f"cu_seqlens must rise from 0 to T = {T}, got {cu}")
         N = cu_seqlens.numel() - 1
     if initial_state is not None:
         _check(initial_state.s1 is None and initial_state.s2 is None,
@@ -105,12 +107,12 @@ def _forward_op(q: Tensor, a: Tensor | None, k: Tensor | None, v: Tensor | None,
                 alpha: Tensor | None, w1: Tensor | None, w2: Tensor, eta_w: Tensor | None,
                 eta_b: Tensor | None, alpha_w: Tensor | None, alpha_b: Tensor | None, cu: Tensor,
                 chunk: int, proj_chunk: int, eta_max: float, selfgen: bool,
-                stopgrad_vhat: bool) -> tuple[Tensor, Tensor, Tensor]:
+                stopgrad_vhat: bool, max_seqlen: int) -> tuple[Tensor, Tensor, Tensor]:
     """o (B, T, H, d_h) and the float32 final state w1 (empty at depth 1), w2. stopgrad_vhat is
     only for the backward."""
     o, hist_w1, hist_w2, _ = memory_forward(
         *map(_flat, (q, a, k, v, eta, alpha)), *map(_f32, (w1, w2, eta_w, eta_b, alpha_w, alpha_b)), cu,
-        chunk=chunk, proj_chunk=proj_chunk, eta_max=eta_max, selfgen=selfgen)
+        chunk=chunk, proj_chunk=proj_chunk, eta_max=eta_max, selfgen=selfgen, max_seqlen=max_seqlen)
     w1_final = w2.new_empty(0, dtype=torch.float32) if hist_w1 is None else hist_w1[-1].clone()
     return o.view(q.shape), w1_final, hist_w2[-1].clone()
 
@@ -127,14 +129,14 @@ def _backward_op(do: Tensor, dw1_final: Tensor | None, dw2_final: Tensor | None,
                  alpha: Tensor | None, w1: Tensor | None, w2: Tensor, eta_w: Tensor | None,
                  eta_b: Tensor | None, alpha_w: Tensor | None, alpha_b: Tensor | None, cu: Tensor,
                  chunk: int, proj_chunk: int, eta_max: float, selfgen: bool,
-                 stopgrad_vhat: bool) -> list[Tensor]:
+                 stopgrad_vhat: bool, max_seqlen: int) -> list[Tensor]:
     """Gradients of (q, a, k, v, eta, alpha, w1, w2, eta_w, eta_b, alpha_w, alpha_b) in their
     dtypes and shapes; an input that is None gets an empty tensor. Recomputes the chunk-start
     states (one forward without the read-out) instead of saving them."""
     inputs = (q, a, k, v, eta, alpha, w1, w2, eta_w, eta_b, alpha_w, alpha_b)
     flat, weights = list(map(_flat, inputs[:6])), list(map(_f32, inputs[6:]))
     opts = dict(chunk=chunk, proj_chunk=proj_chunk, eta_max=eta_max, selfgen=selfgen)
-    _, hist_w1, hist_w2, kvea = memory_forward(*flat, *weights, cu, readout=False, **opts)
+    _, hist_w1, hist_w2, kvea = memory_forward(*flat, *weights, cu, readout=False, max_seqlen=max_seqlen, **opts)
     grads = memory_backward(
         do.reshape(flat[0].shape), None if dw1_final is None or w1 is None else dw1_final, dw2_final,
         flat[0], flat[1], kvea, hist_w1, hist_w2, *weights[2:], cu, stopgrad_vhat=stopgrad_vhat, **opts)
@@ -163,16 +165,27 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 def chunk_hope_memory(q, params: MemoryParams, *, a=None, k=None, v=None, eta=None, alpha=None,
                       initial_state: MemoryState | None = None, output_final_state=False,
-                      cu_seqlens=None, chunk=64, proj_chunk=64, eta_max=1.0, selfgen=True,
-                      stopgrad_vhat=True):
-    """Triton HOPE memory op; same contract as `kernels.hope_memory.hope_memory` (momentum
-    excepted). The final state is float32 whatever the input dtype."""
-    N, depth, _ = _validate(q, params, a, k, v, eta, alpha, initial_state, cu_seqlens, chunk, proj_chunk)
+                      cu_seqlens=None, cu_seqlens_cpu=None, max_seqlen=None, chunk=64, proj_chunk=64,
+                      eta_max=1.0, selfgen=True, stopgrad_vhat=True, w1_delta=True):
+    """Triton HOPE memory op; same contract as `kernels.hope_memory.hope_memory` (momentum and
+    W1's delta rule excepted: call it with w1_delta=False at depth 2). The final state is float32 whatever the input dtype. max_seqlen (the longest
+    document) sets the chunk count; when None it comes from the host offsets cu_seqlens_cpu (or,
+    one sync, from a copy of cu_seqlens)."""
+    N, depth, _ = _validate(q, params, a, k, v, eta, alpha, initial_state, cu_seqlens, cu_seqlens_cpu,
+                            chunk, proj_chunk)
+    if depth == 2 and w1_delta:
+        raise NotImplementedError(
+            "chunk_hope_memory: W1's delta rule (w1_delta=True, the default) is not implemented in the "
+            'Triton kernels yet; call hope_memory(..., impl="torch"), or w1_delta=False for the gated update')
     B, T = q.shape[:2]
     if cu_seqlens is None:
         cu = torch.arange(0, (B + 1) * T, T, device=q.device, dtype=torch.int64)
+        max_seqlen = T
     else:
         cu = cu_seqlens.to(device=q.device, dtype=torch.int64)
+        if max_seqlen is None:
+            host = cu_seqlens_cpu if cu_seqlens_cpu is not None else cu_seqlens.cpu()
+            max_seqlen = int(host.diff().max())
     if initial_state is None:
         w2 = params.w2.unsqueeze(0).expand(N, *params.w2.shape)
         w1 = None if depth == 1 else params.w1.unsqueeze(0).expand(N, *params.w1.shape)
@@ -180,7 +193,7 @@ def chunk_hope_memory(q, params: MemoryParams, *, a=None, k=None, v=None, eta=No
         w1, w2 = initial_state.w1, initial_state.w2
     o, w1_final, w2_final = _forward_op(
         q, a, k, v, eta, alpha, w1, w2, params.eta_w, params.eta_b, params.alpha_w, params.alpha_b, cu,
-        chunk, proj_chunk, float(eta_max), bool(selfgen) and a is not None, bool(stopgrad_vhat))
+        chunk, proj_chunk, float(eta_max), bool(selfgen) and a is not None, bool(stopgrad_vhat), int(max_seqlen))
     if not output_final_state:
         return o, None
     return o, MemoryState(None if depth == 1 else w1_final, w2_final)

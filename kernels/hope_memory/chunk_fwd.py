@@ -25,23 +25,24 @@ def kernel_meta(q: torch.Tensor, chunk: int, n_mem: int, depth: int, DM: int) ->
                 DEPTH=depth, N_MEM=n_mem, PRECISION=dot_precision(q))
 
 
-def n_chunks(cu: torch.Tensor, chunk: int) -> int:
+def n_chunks(max_seqlen: int, chunk: int) -> int:
     """Chunks of the longest document (at least 1, so empty inputs still give a final state)."""
-    return max(1, triton.cdiv(int(cu.diff().max()), chunk))
+    return max(1, triton.cdiv(max_seqlen, chunk))
 
 
 def memory_forward(q, a, k, v, eta, alpha, w1, w2, eta_w, eta_b, alpha_w, alpha_b, cu, *,
-                   chunk, proj_chunk, eta_max, selfgen, readout=True):
+                   chunk, proj_chunk, eta_max, selfgen, max_seqlen, readout=True):
     """q, a, k, v: (tokens, H, d_h), eta, alpha: (tokens, H), contiguous (a for selfmod, the
     others for titans); w1/w2: float32 (N, n_mem, H, ., .) initial state; cu: (N + 1,) int64
     offsets of the documents in the token axis. Returns o (tokens, H, d_h), the state history
     (n_chunks + 1, N, n_mem, H, ., .) of every chunk start (the last entry is the final state;
     hist_w1 is None at depth 1) and the k, v, eta, alpha the memories used (float32 for selfmod).
+    max_seqlen: an int bound on the documents' lengths (the chunk count; no read of cu).
     readout=False (the backward's recomputation of the states) skips M_o's read-out: o is None."""
     tokens, H, DH = q.shape
     N, n_mem = w2.shape[:2]
     depth = 1 if w1 is None else 2
-    steps = n_chunks(cu, chunk)
+    steps = n_chunks(max_seqlen, chunk)
     hist_w2 = w2.new_empty((steps + 1,) + tuple(w2.shape))
     hist_w2[0] = w2
     hist_w1 = hist_w2

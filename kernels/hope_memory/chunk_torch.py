@@ -23,8 +23,10 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-from .naive import heads_first, inner_grad_factors, initial_memory_state, memory_forward, projections, tokens_first
+from .naive import (L2NORM_EPS, heads_first, inner_grad_factors, initial_memory_state, memory_forward, projections,
+                    tokens_first)
 from .types import MemoryParams, MemoryState
 
 
@@ -78,49 +80,115 @@ def _decay(eta, alpha, log_gamma) -> _Decay:
                   c, None if c is None else _shift(c, -1), gam_last, gam_total)
 
 
-def _update_weight(w, s, kk, vv, dec: _Decay, delta: bool, qq=None):
+class _SiluGradMul(torch.autograd.Function):
+    """g * silu'(y) in one fused kernel (aten.silu_backward), saving only g and y for the backward."""
+
+    @staticmethod
+    def forward(ctx, g, y):
+        ctx.save_for_backward(g, y)
+        return torch.ops.aten.silu_backward(g, y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        g, y = ctx.saved_tensors
+        s = torch.sigmoid(y)
+        second = s * (1 - s) * (2 + y * (1 - 2 * s))  # silu''(y)
+        return torch.ops.aten.silu_backward(grad, y), grad * g * second
+
+
+def _inner_grad_factors(w1, w2, k, vhat):
+    """naive.inner_grad_factors, also returning y = k W2^T (the delta rule's W_c k, reused)."""
+    y = k @ w2.mT
+    if w1 is None:
+        return y - vhat, None, None, y
+    h = F.silu(y)
+    e = (h @ w1.mT).add_(k).sub_(vhat)
+    return _SiluGradMul.apply(e @ w1, y), e, h, y
+
+
+class _Solve(NamedTuple):
+    """The delta rule's triangular solve for one chunk, shared by every memory of a head (it depends
+    only on k, eta, alpha and gamma): x = m_y @ (k W_c^T) - m_u @ vv - m_s @ (k S_c^T), with
+    N = (I + diag(eta) strict(P_prev o K K^T))^-1 diag(-eta), m_y = N diag(a_prev),
+    m_u = N (D_prev o K K^T), m_s = N diag(c_prev) (None without momentum)."""
+
+    m_y: torch.Tensor  # (..., C, C)
+    m_u: torch.Tensor
+    m_s: torch.Tensor | None
+
+
+def _solve(k, dec: _Decay) -> _Solve:
+    """One unit-triangular inverse per chunk and head, instead of one solve per memory."""
+    kk_kk = k @ k.mT
+    eye = torch.eye(k.shape[-2], dtype=k.dtype, device=k.device)
+    inv = torch.linalg.solve_triangular(dec.eta[..., None] * dec.p_prev * kk_kk, eye, upper=False,
+                                        unitriangular=True)
+    n = inv * -dec.eta[..., None, :]
+    return _Solve(n * dec.a_prev[..., None, :], n @ (dec.d_prev * kk_kk),
+                  None if dec.c_prev is None else n * dec.c_prev[..., None, :])
+
+
+def _update_weight(w, s, kk, vv, dec: _Decay, sol: _Solve | None, w_kk=None):
     """One weight over one chunk. w, s: (..., dout, din) chunk-start weight and momentum (s None
-    without momentum); kk (..., C, din), vv (..., C, dout): G_j = vv_j kk_j^T; qq (..., C, din)
-    rows to read with W_t. Returns (w_end, s_end, reads or None)."""
+    without momentum); kk (..., C, din), vv (..., C, dout): G_j = vv_j kk_j^T; sol: the chunk's
+    shared solve for the weight acting on k (delta rule), None for W1; w_kk = kk W^T when the
+    caller has it. Returns (w_end, s_end, x), x the delta rule's solution (None without)."""
     terms = -dec.d[..., -1, :, None] * vv  # coefficient rows of kk_j in W_C
-    if delta:
-        kk_kk = kk @ kk.mT
-        rhs = dec.a_prev[..., None] * (kk @ w.mT) - (dec.d_prev * kk_kk) @ vv
+    x = None
+    if sol is not None:
+        x = sol.m_y @ (kk @ w.mT if w_kk is None else w_kk) - sol.m_u @ vv
         if s is not None:
-            rhs = rhs - dec.c_prev[..., None] * (kk @ s.mT)
-        eta = dec.eta[..., None]
-        x = torch.linalg.solve_triangular(eta * dec.p_prev * kk_kk, -eta * rhs, upper=False, unitriangular=True)
+            x = x - sol.m_s @ (kk @ s.mT)
         terms = terms + dec.p[..., -1, :, None] * x
     w_end = dec.a[..., -1, None, None] * w + terms.mT @ kk
     s_end = None
     if s is not None:
         w_end = w_end - dec.c[..., -1, None, None] * s
         s_end = dec.gam_total[..., None, None] * s + (dec.gam_last[..., :, None] * vv).mT @ kk
-    if qq is None:
-        return w_end, s_end, None
+    return w_end, s_end, x
+
+
+def _reads(w, s, kk, vv, x, dec: _Decay, qq):
+    """Per-token reads W_t qq_t over one chunk (rows qq (..., C, din)) of a weight updated by
+    _update_weight -> x (None for a weight without the delta rule)."""
     qq_kk = qq @ kk.mT
     reads = dec.a[..., None] * (qq @ w.mT) - (dec.d * qq_kk) @ vv
-    if delta:
+    if x is not None:
         reads = reads + (dec.p * qq_kk) @ x
     if s is not None:
         reads = reads - dec.c[..., None] * (qq @ s.mT)
-    return w_end, s_end, reads
+    return reads
 
 
-def _update_memories(state: MemoryState, k, vhat, dec: _Decay, grad_scale, q=None):
-    """Memories `state` (B, n, H, ., .) over one chunk with keys k and targets vhat; reads M_t(q_t)
-    when q is given. grad_scale (broadcastable to (B, 1, H, C, 1)) or None multiplies the inner
-    gradients: 0 on padding tokens, 1 - gamma with momentum (the momentum is an EMA of G)."""
+def _update_memories(state: MemoryState, k, vhat, dec: _Decay, grad_scale, w1_delta: bool, q=None):
+    """Memories `state` (B, n, H, ., .) over one chunk with keys k and targets vhat, all n in one
+    batched product per step; reads M_t(q_t) of the last memory (M_o) when q is given.
+    grad_scale (broadcastable to (B, 1, H, C, 1)) or None multiplies the inner gradients: 0 on
+    padding tokens, 1 - gamma with momentum (the momentum is an EMA of G)."""
     w1, w2, s1, s2 = state
-    u, e, h = inner_grad_factors(w1, w2, k, vhat)
+    u, e, h, y = _inner_grad_factors(w1, w2, k, vhat)
     if grad_scale is not None:
         u = u * grad_scale
         e = None if e is None else e * grad_scale
-    w2, s2, r2 = _update_weight(w2, s2, k, u, dec, True, q)
+    w2_end, s2_end, x2 = _update_weight(w2, s2, k, u, dec, _solve(k, dec), y)
+    r2 = None
+    if q is not None:
+        last = lambda t: None if t is None else t[:, -1:]
+        r2 = _reads(last(w2), last(s2), k, last(u), last(x2), dec, q)
     if w1 is None:
-        return MemoryState(None, w2, None, s2), r2
-    w1, s1, r1 = _update_weight(w1, s1, h, e, dec, False, None if q is None else F.silu(r2))
-    return MemoryState(w1, w2, s1, s2), None if q is None else q + r1
+        return MemoryState(None, w2_end, None, s2_end), r2
+    x1 = None
+    if w1_delta:  # G1 = e h^T = (e |h|) hn^T, and the delta rule acts along hn = l2norm(h)
+        h_norm = torch.sqrt(h.square().sum(-1, keepdim=True) + L2NORM_EPS)
+        h, e = h / h_norm, e * h_norm
+        w1_end, s1_end, x1 = _update_weight(w1, s1, h, e, dec, _solve(h, dec))
+    else:
+        w1_end, s1_end, _ = _update_weight(w1, s1, h, e, dec, None)
+    if q is None:
+        return MemoryState(w1_end, w2_end, s1_end, s2_end), None
+    r1 = _reads(w1[:, -1:], None if s1 is None else s1[:, -1:], h[:, -1:], e[:, -1:],
+                None if x1 is None else x1[:, -1:], dec, F.silu(r2))
+    return MemoryState(w1_end, w2_end, s1_end, s2_end), q + r1
 
 
 def _grad_scale(valid, one_minus_gamma):
@@ -146,44 +214,103 @@ def _targets(state: MemoryState, v, selfgen: bool, stopgrad_vhat: bool):
     return vhat.detach() if stopgrad_vhat else vhat
 
 
+def _pieces(x, size):
+    """x split along the token axis (-2 for (..., T, d), -1 for (..., T)) into views of `size`
+    tokens: one SplitBackward for the whole loop, where per-chunk slicing would give every chunk's
+    gradient a zero-filled copy of the whole input (quadratic in T)."""
+    if x is None:
+        return None
+    return x.split(size, -2 if x.dim() == 5 else -1)
+
+
 def _chunked_sequences(q, a, k, v, eta, alpha, state: MemoryState, params: MemoryParams, valid,
-                       chunk, proj_chunk, eta_max, selfgen, stopgrad_vhat):
+                       chunk, proj_chunk, eta_max, selfgen, stopgrad_vhat, w1_delta):
     """Sequences in the internal layout (naive.py), each starting at a chunk boundary; valid
-    (B, 1, 1, T) marks real tokens (None: all). Returns (o, final state)."""
+    (B, 1, 1, T) marks real tokens (None: all). Returns (o, final state).
+
+    With chunk == proj_chunk (the default) and selfmod, the five memories share their chunk
+    start, rates and decays, so each chunk step updates all five in one batched product per
+    matrix (the n_mem axis) and reads M_o from the same step."""
     selfmod = a is not None
     n_proj = state.w2.shape[1] - 1
-    proj, mem_o = _select(state, slice(0, n_proj)), _select(state, slice(n_proj, None))
     log_gamma = one_minus_gamma = None
     if params.gamma is not None:
-        log_gamma = F.logsigmoid(params.gamma)[:, None].expand(q.shape[2], q.shape[3])
+        log_gamma = F.logsigmoid(params.gamma)[:, None]
         one_minus_gamma = torch.sigmoid(-params.gamma)[:, None, None]
-        if valid is not None:
-            log_gamma = log_gamma * valid
     if valid is not None and not selfmod:
         eta, alpha = torch.where(valid, eta, 0.0), torch.where(valid, alpha, 1.0)
+
+    def chunk_log_gamma(c_valid, n):
+        """log gamma per token of a chunk (H, n) or (B, 1, H, n): 0 (gamma = 1) on padding."""
+        if log_gamma is None:
+            return None
+        lg = log_gamma.expand(-1, n)
+        return lg if c_valid is None else lg * c_valid
+
+    fused = selfmod and chunk == proj_chunk
+    q_c = _pieces(q, chunk)
     outs = []
-    for p0 in range(0, q.shape[-2], proj_chunk):
-        pt = slice(p0, min(p0 + proj_chunk, q.shape[-2]))
-        p_valid = None if valid is None else valid[..., pt]
-        p_log_gamma = None if log_gamma is None else log_gamma[..., pt]
-        if selfmod:
-            k_p, v_p, eta_p, alpha_p = projections(proj.w1, proj.w2, a[..., pt, :], params, eta_max)
-            if valid is not None:
-                eta_p, alpha_p = torch.where(p_valid, eta_p, 0.0), torch.where(p_valid, alpha_p, 1.0)
-            vhat = _targets(proj, v_p, selfgen, stopgrad_vhat)
-            proj, _ = _update_memories(proj, k_p, vhat, _decay(eta_p, alpha_p, p_log_gamma),
-                                       _grad_scale(p_valid, one_minus_gamma))
-        else:
-            k_p, v_p, eta_p, alpha_p = k[..., pt, :], v[..., pt, :], eta[..., pt], alpha[..., pt]
-        for c0 in range(0, pt.stop - p0, chunk):
-            ct = slice(c0, min(c0 + chunk, pt.stop - p0))
-            vhat = _targets(mem_o, v_p[..., ct, :], selfmod and selfgen, stopgrad_vhat)
-            dec = _decay(eta_p[..., ct], alpha_p[..., ct], None if p_log_gamma is None else p_log_gamma[..., ct])
-            mem_o, o = _update_memories(mem_o, k_p[..., ct, :], vhat, dec,
-                                        _grad_scale(None if p_valid is None else p_valid[..., ct], one_minus_gamma),
-                                        q[..., p0 + ct.start:p0 + ct.stop, :])
-            outs.append(o)
-    return torch.cat(outs, -2), _join(proj, mem_o)
+    if not selfmod:
+        state = _run_o_chunks(state, _pieces(k, chunk), _pieces(v, chunk), _pieces(eta, chunk),
+                              _pieces(alpha, chunk), _pieces(valid, chunk), q_c, False, stopgrad_vhat,
+                              one_minus_gamma, chunk_log_gamma, w1_delta, outs, recompute=True)
+        return torch.cat(outs, -2), state
+
+    def proj_step(state, a_p, p_valid, qs):
+        """One proj-chunk: projections, the projection memories' update and M_o's chunks in it."""
+        proj = _select(state, slice(0, n_proj))
+        k_p, v_p, eta_p, alpha_p = projections(proj.w1, proj.w2, a_p, params, eta_max)
+        if p_valid is not None:
+            eta_p, alpha_p = torch.where(p_valid, eta_p, 0.0), torch.where(p_valid, alpha_p, 1.0)
+        scale = _grad_scale(p_valid, one_minus_gamma)
+        dec = _decay(eta_p, alpha_p, chunk_log_gamma(p_valid, a_p.shape[-2]))
+        if fused:
+            state, o = _update_memories(state, k_p, _targets(state, v_p, selfgen, stopgrad_vhat), dec, scale,
+                                        w1_delta, qs[0])
+            return state, [o]
+        proj, _ = _update_memories(proj, k_p, _targets(proj, v_p, selfgen, stopgrad_vhat), dec, scale, w1_delta)
+        reads = []
+        mem_o = _run_o_chunks(_select(state, slice(n_proj, None)), _pieces(k_p, chunk), _pieces(v_p, chunk),
+                              _pieces(eta_p, chunk), _pieces(alpha_p, chunk), _pieces(p_valid, chunk), qs,
+                              selfgen, stopgrad_vhat, one_minus_gamma, chunk_log_gamma, w1_delta, reads)
+        return _join(proj, mem_o), reads
+
+    per = proj_chunk // chunk
+    valid_p = _pieces(valid, proj_chunk)
+    for i, a_p in enumerate(_pieces(a, proj_chunk)):
+        state, reads = _step(proj_step, state, a_p, None if valid is None else valid_p[i],
+                             q_c[i * per:(i + 1) * per])
+        outs.extend(reads)
+    return torch.cat(outs, -2), state
+
+
+def _run_o_chunks(mem_o, ks, vs, etas, alphas, valids, qs, selfgen, stopgrad_vhat, one_minus_gamma,
+                  chunk_log_gamma, w1_delta, outs, recompute=False):
+    """M_o over consecutive chunks (pieces of k, v, eta, alpha, valid, q); appends the reads to
+    outs. recompute: each chunk step through _step (titans, whose chunk steps are the outer loop)."""
+    def o_step(mem_o, k_j, v_j, eta_j, alpha_j, c_valid, q_j):
+        vhat = _targets(mem_o, v_j, selfgen, stopgrad_vhat)
+        dec = _decay(eta_j, alpha_j, chunk_log_gamma(c_valid, q_j.shape[-2]))
+        return _update_memories(mem_o, k_j, vhat, dec, _grad_scale(c_valid, one_minus_gamma), w1_delta, q_j)
+
+    for j, q_j in enumerate(qs):
+        args = (mem_o, ks[j], vs[j], etas[j], alphas[j], None if valids is None else valids[j], q_j)
+        mem_o, o = _step(o_step, *args) if recompute else o_step(*args)
+        outs.append(o)
+    return mem_o
+
+
+# Autograd keeps ~40 (B, n_mem, H, C, d) temporaries per chunk step (~250 KB per token and layer
+# at H = 4, d_h = 64): with RECOMPUTE each chunk step (a proj-chunk for selfmod) saves only its
+# inputs, the chunk-start state among them, and runs its forward again inside the backward
+# (torch.utils.checkpoint), about 20x less memory for one more forward of the op.
+RECOMPUTE = False
+
+
+def _step(fn, *args):
+    if RECOMPUTE and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
 
 
 def _unpack(x, idx, valid):
@@ -196,22 +323,29 @@ def _unpack(x, idx, valid):
 
 def chunk_torch_hope_memory(q, params: MemoryParams, *, a=None, k=None, v=None, eta=None, alpha=None,
                             initial_state: MemoryState | None = None, output_final_state: bool = False,
-                            cu_seqlens=None, chunk: int = 64, proj_chunk: int = 64,
-                            eta_max: float = 1.0, selfgen: bool = True, stopgrad_vhat: bool = True):
-    """Chunked path of `kernels.hope_memory.hope_memory` (same arguments, already validated)."""
+                            cu_seqlens=None, max_seqlen: int | None = None, chunk: int = 64,
+                            proj_chunk: int = 64, eta_max: float = 1.0, selfgen: bool = True,
+                            stopgrad_vhat: bool = True, w1_delta: bool = True):
+    """Chunked path of `kernels.hope_memory.hope_memory` (same arguments, already validated;
+    max_seqlen, an int bound on the documents' lengths, is required with cu_seqlens). No host
+    sync: documents are gathered into a (N, max_seqlen) padded batch and back by index."""
     valid = None
     if cu_seqlens is not None:
+        total = q.shape[1]
         lens = cu_seqlens[1:] - cu_seqlens[:-1]
-        pos = torch.arange(int(lens.max()), device=q.device)
+        pos = torch.arange(max_seqlen, device=q.device)
         valid = pos < lens[:, None]
-        idx = (cu_seqlens[:-1, None] + pos).clamp_max(q.shape[1] - 1)
+        idx = (cu_seqlens[:-1, None] + pos).clamp_max(total - 1)
         q, a, k, v, eta, alpha = (_unpack(x, idx, valid) for x in (q, a, k, v, eta, alpha))
+        token = torch.arange(total, device=q.device, dtype=cu_seqlens.dtype)
+        doc = torch.searchsorted(cu_seqlens[1:], token, right=True)
+        back = (doc, token - cu_seqlens[doc])  # packed token -> (document, position)
     state = initial_state if initial_state is not None else initial_memory_state(params, q.shape[0])
     o, state = _chunked_sequences(
         heads_first(q), heads_first(a), heads_first(k), heads_first(v), heads_first(eta),
         heads_first(alpha), state, params, None if valid is None else valid[:, None, None],
-        chunk, proj_chunk, eta_max, selfgen, stopgrad_vhat)
+        chunk, proj_chunk, eta_max, selfgen, stopgrad_vhat, w1_delta)
     o = tokens_first(o)
     if valid is not None:
-        o = o[valid].unsqueeze(0)
+        o = o[back].unsqueeze(0)
     return o, state if output_final_state else None

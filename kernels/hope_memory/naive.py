@@ -74,13 +74,14 @@ def initial_memory_state(params: MemoryParams, batch: int) -> MemoryState:
 
 
 def _naive_sequences(q, a, k, v, eta, alpha, state, params, chunk, proj_chunk, eta_max, selfgen,
-                     stopgrad_vhat):
+                     stopgrad_vhat, w1_delta):
     """Sequences that all start at a chunk boundary, in the internal layout; returns (o, state)."""
     w1, w2, s1, s2 = state
     n_proj = w2.shape[1] - 1
     selfmod = a is not None
     gamma = None if params.gamma is None else torch.sigmoid(params.gamma)[:, None, None]
     eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+    eye_m = None if w1 is None else torch.eye(w1.shape[-1], dtype=q.dtype, device=q.device)
     outs = []
     for t in range(q.shape[-2]):
         if t % proj_chunk == 0:  # projection memories' chunk-start snapshot
@@ -109,7 +110,11 @@ def _naive_sequences(q, a, k, v, eta, alpha, state, params, chunk, proj_chunk, e
         if w1 is not None:
             g1 = e.mT @ h
             s1 = g1 if gamma is None else gamma * s1 + (1 - gamma) * g1
-            w1 = alpha_t * w1 - eta_t * s1
+            if w1_delta:  # the delta rule on W1's own input, the unit hidden activation
+                hn = l2norm(h)
+                w1 = w1 @ (alpha_t * eye_m - eta_t * hn.mT @ hn) - eta_t * s1
+            else:
+                w1 = alpha_t * w1 - eta_t * s1
         outs.append(memory_forward(None if w1 is None else w1[:, n_proj:], w2[:, n_proj:], q[..., tok, :]))
     if gamma is None:
         s1 = s2 = None
@@ -119,7 +124,7 @@ def _naive_sequences(q, a, k, v, eta, alpha, state, params, chunk, proj_chunk, e
 def naive_hope_memory(q, params: MemoryParams, *, a=None, k=None, v=None, eta=None, alpha=None,
                       initial_state: MemoryState | None = None, output_final_state: bool = False,
                       cu_seqlens=None, chunk: int = 64, proj_chunk: int = 64, eta_max: float = 1.0,
-                      selfgen: bool = True, stopgrad_vhat: bool = True):
+                      selfgen: bool = True, stopgrad_vhat: bool = True, w1_delta: bool = True):
     """Reference path of `kernels.hope_memory.hope_memory` (same arguments, already validated).
     Packed documents (cu_seqlens) run one by one, each from its own initial state."""
     if cu_seqlens is None:
@@ -141,7 +146,7 @@ def naive_hope_memory(q, params: MemoryParams, *, a=None, k=None, v=None, eta=No
             heads_first(None if k is None else k[:, tok]), heads_first(None if v is None else v[:, tok]),
             heads_first(None if eta is None else eta[:, tok]),
             heads_first(None if alpha is None else alpha[:, tok]),
-            state, params, chunk, proj_chunk, eta_max, selfgen, stopgrad_vhat)
+            state, params, chunk, proj_chunk, eta_max, selfgen, stopgrad_vhat, w1_delta)
         outs.append(tokens_first(o))
         states.append(state)
     o = torch.cat(outs, 1)
