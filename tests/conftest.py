@@ -50,6 +50,7 @@ def tiny_overrides(prefix: Path, vocab: int, eod: int, run_dir: Path, **extra) -
         "training.steps": 8, "training.seq_len": 32, "training.global_batch": 4, "training.micro_batch": 2,
         "optim.warmup_steps": 2, "optim.lr": 3e-3, "data.paths": f"[{prefix}]", "data.eod_id": eod,
         "metrics.wandb": False, "metrics.progress": False, "checkpoint.interval": 0,
+        "eval.every": 0, "data.valid_fraction": 0.0,  # tests that validate opt in
     }
     base.update(extra)
     return [f"--{k}={v}" for k, v in base.items()]
