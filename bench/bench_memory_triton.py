@@ -10,13 +10,17 @@ end-to-end training tokens/s of a small HOPE model with each kernel. Prints a ma
     python bench/bench_memory_triton.py                      # (8,4096,16,64), (2,16384,16,64)
     python bench/bench_memory_triton.py --shapes 1x1024x4x64 --skip-e2e
     python bench/bench_memory_triton.py --smoke              # CPU, Triton interpreter, tiny: checks the script
+    python bench/bench_memory_triton.py --paper              # no GPU: the per-chunk FLOP/byte model and H100 roofline
+    python bench/bench_memory_triton.py --e2e-760m           # also configs/hope_760m.yaml vs an equal-size Transformer++
 
 Without CUDA (and without --smoke) it prints why and exits 0.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -27,8 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# Device peaks: the kernels run their dots in tf32 for 16-bit inputs (float32 state and math).
-PEAKS = {"H100": (494.7e12, 3.35e12), "H200": (494.7e12, 4.8e12), "A100": (156e12, 2.0e12)}
+# Device peaks (dense bf16 FLOP/s, HBM bytes/s). The kernels run their dots in tf32 for 16-bit
+# inputs (half the bf16 rate); the roofline uses the bf16 peak, the issue's yardstick.
+PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12), "A100": (312e12, 2.0e12)}
 
 
 def parse_args(argv=None):
@@ -42,6 +47,10 @@ def parse_args(argv=None):
     p.add_argument("--skip-e2e", action="store_true", help="skip the end-to-end model benchmark")
     p.add_argument("--e2e-layers", type=int, default=2)
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--paper", action="store_true",
+                   help="print the per-chunk FLOP/byte model and the H100 roofline (no GPU needed) and exit")
+    p.add_argument("--e2e-760m", action="store_true",
+                   help="also time training tokens/s of configs/hope_760m.yaml and an equal-size Transformer++")
     p.add_argument("--smoke", action="store_true",
                    help="run tiny shapes on CPU under the Triton interpreter (checks the script, times nothing useful)")
     return p.parse_args(argv)
@@ -87,30 +96,75 @@ def make_inputs(B, T, H, D, variant, device, dtype=torch.bfloat16):
     return q, params, inputs, leaves
 
 
+def _gated_w1(fn_or_cfg):
+    """The Triton kernels implement W1's gated update; where the op / config has the W1 delta
+    rule switch (w1_delta), turn it off so both paths run the same rule."""
+    if dataclasses.is_dataclass(fn_or_cfg):
+        names = {f.name for f in dataclasses.fields(fn_or_cfg)}
+        return dataclasses.replace(fn_or_cfg, w1_delta=False) if "w1_delta" in names else fn_or_cfg
+    return {"w1_delta": False} if "w1_delta" in inspect.signature(fn_or_cfg).parameters else {}
+
+
 def op_step(impl, q, params, inputs, leaves, chunk, proj_chunk):
     """One forward + backward of the memory op."""
     from kernels.hope_memory import hope_memory
 
+    extra = _gated_w1(hope_memory)
+
     def step():
-        o, _ = hope_memory(q, params, **inputs, chunk=chunk, proj_chunk=proj_chunk, impl=impl)
+        o, _ = hope_memory(q, params, **inputs, chunk=chunk, proj_chunk=proj_chunk, impl=impl, **extra)
         torch.autograd.grad(o.float().square().sum(), leaves)
     return step
 
 
+def chunk_cost(C, D, n_mem=5, in_bytes=2):
+    """Per chunk and head, as the Triton kernels run (selfmod or titans, depth 2, d_m = d_h = D):
+    (fwd FLOPs, bwd FLOPs, fwd HBM bytes, bwd HBM bytes). The backward counts its recomputation of
+    the chunk states (a forward without the read-out) and twice the forward for the gradients.
+    Bytes: token tensors in in_bytes, k/v/eta/alpha and states in float32; every memory's program
+    reads its chunk-start and gradient states and writes its end state (docs/triton.md)."""
+    cdd, ccd = C * D * D, C * C * D
+    proj_macs = 4 * 2 * cdd if n_mem == 5 else 0                         # M(a) of the 4 projection memories
+    mem_macs = 7 * cdd + 2.5 * ccd                                       # targets, r, u, WY solve, end state
+    read_macs = 2 * cdd + 4 * ccd                                        # M_o's inclusive read-out
+    fwd = proj_macs + n_mem * mem_macs + read_macs
+    bwd = (fwd - read_macs) + 2 * fwd
+    state, kvea = 2 * D * D * 4, 2 * C * D * 4 + 2 * C * 4
+    tok = C * D * in_bytes
+    proj_fwd = (tok + 4 * state + kvea) if n_mem == 5 else 0
+    fwd_bytes = proj_fwd + n_mem * (kvea + 3 * state) + 2 * tok          # + q in, o out
+    proj_bwd = (2 * tok + 8 * state + kvea) if n_mem == 5 else 0
+    bwd_bytes = (fwd_bytes - 2 * tok) + n_mem * (2 * kvea + 5 * state) + 3 * tok + proj_bwd
+    return 2 * fwd, 2 * bwd, fwd_bytes, bwd_bytes
+
+
 def model_flops_and_bytes(B, T, H, D, n_mem, chunk, in_bytes=2):
-    """Useful FLOPs (forward + 2x forward for the backward; the backward's recomputation of the
-    chunk states is not counted) and the HBM bytes a fused implementation cannot avoid (token
-    tensors in/out and their gradients, the float32 state read and written once per chunk in
-    each direction). d_m = d_h = D."""
-    C, n_chunks = chunk, -(-T // chunk)
-    per_mem = 5 * C * D * D + 2 * C * C * D + 3 * C * D * D  # targets + WY solve + chunk-end state
-    readout = 2 * C * D * D + 4 * C * C * D
-    proj = 4 * 2 * C * D * D if n_mem == 5 else 0
-    fwd_macs = B * H * n_chunks * (n_mem * per_mem + readout + proj)
-    token_tensors = 3 if n_mem == 5 else 6  # q, a, o (selfmod) or q, k, v, o + eta, alpha
-    token_bytes = B * T * H * D * in_bytes * token_tensors
-    state_bytes = B * H * n_chunks * n_mem * 2 * D * D * 4 * 2
-    return 3 * 2 * fwd_macs, 2 * token_bytes + 3 * state_bytes
+    """fwd+bwd FLOPs and HBM bytes of one call at (B, T, H, D) from chunk_cost."""
+    f, b, fb, bb = chunk_cost(chunk, D, n_mem, in_bytes)
+    n = B * H * -(-T // chunk)
+    return n * (f + b), n * (fb + bb)
+
+
+def paper(args) -> str:
+    """The per-chunk model, the two shapes' totals and their H100 roofline, as markdown."""
+    peak, bw = PEAKS["H100"]
+    f, b, fb, bb = chunk_cost(args.chunk, 64)
+    lines = [f"Per chunk (C = {args.chunk}) and head, d_h = d_m = 64, selfmod depth 2, bf16 inputs:",
+             "", "| pass | MFLOP | MB moved | FLOP/byte |", "|---|---:|---:|---:|",
+             f"| forward | {f / 1e6:.1f} | {fb / 1e6:.3f} | {f / fb:.0f} |",
+             f"| backward (with state recomputation) | {b / 1e6:.1f} | {bb / 1e6:.3f} | {b / bb:.0f} |",
+             "", f"H100 ridge point: {peak / bw:.0f} FLOP/byte (989 TFLOP/s bf16 dense, 3.35 TB/s).", "",
+             "| (B, T, H, d_h) | chunk-heads | fwd GFLOP | fwd GB | bwd GFLOP | bwd GB | fwd roofline (ms) "
+             "| bwd roofline (ms) | bound | sequential steps |", "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for shape in args.shapes.split(","):
+        B, T, H, D = map(int, shape.split("x"))
+        n = B * H * -(-T // args.chunk)
+        f, b, fb, bb = chunk_cost(args.chunk, D)
+        tf, tb = max(n * f / peak, n * fb / bw), max(n * b / peak, n * bb / bw)
+        bound = "memory" if n * fb / bw > n * f / peak else "compute"
+        lines.append(f"| ({B}, {T}, {H}, {D}) | {n} | {n * f / 1e9:.0f} | {n * fb / 1e9:.2f} | {n * b / 1e9:.0f} | "
+                     f"{n * bb / 1e9:.2f} | {1e3 * tf:.2f} | {1e3 * tb:.2f} | {bound} | {-(-T // args.chunk)} |")
+    return "\n".join(lines)
 
 
 def fla_step(B, T, H, D, device):
@@ -138,8 +192,8 @@ def e2e_tokens_per_s(kernel, B, T, H, D, layers, reps, device):
     from hope_dist.config import CMSLevel, ModelConfig
     from hope_dist.model.model import build_model
 
-    cfg = ModelConfig(vocab_size=32000, d_model=H * D, n_heads=H, n_layers=layers, kernel=kernel,
-                      cms=[CMSLevel(4 * H * D, p) for p in (1, 4)])
+    cfg = _gated_w1(ModelConfig(vocab_size=32000, d_model=H * D, n_heads=H, n_layers=layers, kernel=kernel,
+                                cms=[CMSLevel(4 * H * D, p) for p in (1, 4)]))
     model = build_model(cfg, device)
     tokens = torch.randint(0, cfg.vocab_size, (B, T), device=device)
 
@@ -148,6 +202,42 @@ def e2e_tokens_per_s(kernel, B, T, H, D, layers, reps, device):
             logits = model(tokens)
         torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens.flatten()).backward()
     return B * T / timed(step, reps)
+
+
+def e2e_760m(reps, device, micro_batch=2):
+    """Training tokens/s (fwd+bwd, bf16 autocast, no optimizer) of configs/hope_760m.yaml (with W1's
+    gated update, the rule the Triton kernels implement) and of a
+    Transformer++ of the same size (attention mixer, SDPA = FlashAttention on H100, one CMS level
+    widened to match the parameter count) at the config's context."""
+    from hope_dist.config import CMSLevel, load_config
+    from hope_dist.model import HopeModel, count_parameters
+    from hope_dist.model.model import build_model
+
+    hope = _gated_w1(load_config(str(Path(__file__).resolve().parents[1] / "configs/hope_760m.yaml")).model)
+    T = load_config(str(Path(__file__).resolve().parents[1] / "configs/hope_760m.yaml")).training.seq_len
+
+    def size(cfg):
+        with torch.device("meta"):
+            return count_parameters(HopeModel(cfg))["total"]
+
+    tpp = dataclasses.replace(hope, mixer="attention", cms=[CMSLevel(1, 1)])
+    base = size(tpp)
+    per = size(dataclasses.replace(tpp, cms=[CMSLevel(2, 1)])) - base
+    tpp = dataclasses.replace(tpp, cms=[CMSLevel(1 + round((size(hope) - base) / per), 1)])
+    out = {}
+    for name, cfg in (("hope_760m", hope), ("transformer_760m", tpp)):
+        model = build_model(cfg, device)
+        tokens = torch.randint(0, cfg.vocab_size, (micro_batch, T), device=device)
+
+        def step():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = model(tokens)
+            torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens.flatten()).backward()
+        out[name] = {"params": size(cfg), "tokens_per_s": micro_batch * T / timed(step, reps)}
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
 
 
 def run(args) -> list[dict]:
@@ -198,6 +288,9 @@ def markdown(results: list[dict]) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.paper:
+        print(paper(args))
+        return 0
     if not torch.cuda.is_available():
         if not args.smoke:
             print("bench_memory_triton: no CUDA device; this benchmark needs a GPU (use --smoke to "
@@ -210,6 +303,12 @@ def main(argv=None) -> int:
         return 0
     results = run(args)
     print(markdown(results))
+    if args.e2e_760m and torch.cuda.is_available():
+        e2e = e2e_760m(args.reps, torch.device("cuda"))
+        print("| model | params | training tokens/s (1 GPU, micro-batch 2 x 4096) |\n|---|---:|---:|")
+        for name, r in e2e.items():
+            print(f"| {name} | {r['params']:,} | {r['tokens_per_s']:.0f} |")
+        results.append({"e2e_760m": e2e})
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
