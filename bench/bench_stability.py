@@ -14,6 +14,7 @@ import argparse
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -35,6 +36,7 @@ def run_one(mixer: str, variant: str, seed: int, args) -> dict:
            "--metrics.progress=false", "--checkpoint.interval=0", "--checkpoint.resume=never",
            *VARIANTS[variant], *args.extra]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted attempt's rows must not count
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] \
