@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .naive import (L2NORM_EPS, heads_first, inner_grad_factors, initial_memory_state, memory_forward, projections,
+from .naive import (L2NORM_EPS, heads_first, initial_memory_state, memory_forward, projections,
                     tokens_first)
 from .types import MemoryParams, MemoryState
 
