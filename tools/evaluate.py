@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"comma list of {','.join(TASKS)} (default: all; the first two only with --data)")
     p.add_argument("--data", help="Megatron PREFIX (.bin/.idx), .jsonl (field --text-key) or .parquet")
     p.add_argument("--text-key", default="text")
+    p.add_argument("--heldout", type=float, metavar="F",
+                   help="read only the documents held out by a run with data.valid_fraction=F (Megatron PREFIX)")
     p.add_argument("--tokenizer", help="tokenizer.json / .model (default: the folder's or the run's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
@@ -101,14 +103,14 @@ def prepare(args, loaded) -> dict:
         raise EvalError(f"{loaded.source} does not record its training seq_len; pass --seq-len N")
     runners = {}
     if "perplexity" in tasks:
-        docs = open_documents(args.data, loaded, args.text_key)
+        docs = open_documents(args.data, loaded, args.text_key, args.heldout)
         runners["perplexity"] = lambda: {"data": args.data, **perplexity(
             model, docs, seq_len or args.segment, args.tokens, args.batch_size, progress)}
     if "long_context" in tasks:
         segment = args.segment or seq_len
         length = args.long_len or 8 * segment
         lc.check_segment(model, segment, length)
-        docs2 = open_documents(args.data, loaded, args.text_key)
+        docs2 = open_documents(args.data, loaded, args.text_key, args.heldout)
         runners["long_context"] = lambda: {"data": args.data, **lc.long_context(
             model, docs2, length, segment, args.long_docs, args.batch_size, args.buckets, progress)}
     if "passkey" in tasks:

@@ -180,22 +180,32 @@ def data_kind(path: str) -> str:
     return "megatron"
 
 
-def open_documents(path: str, loaded: Loaded, text_key: str = "text") -> Iterator[np.ndarray]:
+def open_documents(path: str, loaded: Loaded, text_key: str = "text",
+                   heldout: float | None = None) -> Iterator[np.ndarray]:
     """Token ids (int64, EOD last) of each document of `path`, in file order, checked against
     the model's vocabulary. JSONL / parquet text is tokenized with the model's tokenizer and
-    gets EOD appended, as data_prep.tokenize does for training. The file and tokenizer are
-    checked now; the documents are read lazily."""
+    gets EOD appended, as data_prep.tokenize does for training. With `heldout` = F (Megatron
+    prefixes only), only the documents a run with `data.valid_fraction: F` held out from training
+    are read (hope_dist/data/validation.py's split). The file and tokenizer are checked now; the
+    documents are read lazily."""
     kind = data_kind(path)
+    if heldout is not None and kind != "megatron":
+        raise EvalError(f"--heldout {heldout} needs --data as a Megatron PREFIX (the split is by its documents), "
+                        f"not {path}")
+    if heldout is not None and not 0 < heldout < 1:
+        raise EvalError(f"--heldout {heldout}: must be in (0, 1), the run's data.valid_fraction")
     if kind == "megatron":
         from data_prep.megatron_format import FormatError
         from hope_dist.data.token_file import TokenFile
+        from hope_dist.data.validation import split_documents
 
         try:
             tf = TokenFile(path)
         except (FormatError, OSError) as e:
             raise EvalError(f"--data {path}: {e}") from None
-        docs = ((tf.tokens[a:a + n].astype(np.int64), f"{tf.prefix}.bin document {i}")
-                for i, (a, n) in enumerate(zip(tf.doc_start, tf.doc_len)))
+        chosen = range(len(tf.doc_len)) if heldout is None else split_documents(len(tf.doc_len), heldout)[1]
+        docs = ((tf.tokens[tf.doc_start[i]:tf.doc_start[i] + tf.doc_len[i]].astype(np.int64),
+                 f"{tf.prefix}.bin document {i}") for i in map(int, chosen))
     else:
         docs = _tokenized(path, load_encoder(loaded), text_key)
     return _checked(docs, path, loaded.cfg.vocab_size)
