@@ -80,7 +80,7 @@ def evaluate_cmd(ckpt: Path, out: Path, cfg, args) -> list[str]:
             "--heldout", str(cfg.data.valid_fraction), "--tokens", str(args.eval_tokens), "--segment", str(seq),
             "--long-len", str(seq * args.long_factor), "--long-docs", str(args.long_docs),
             "--passkey-lengths", lengths, "--passkey-samples", str(args.passkey_samples),
-            "--mqar-pairs", "4,8,16,32,64,128,256", "--mqar-samples", str(args.mqar_samples),
+            "--mqar-pairs", args.mqar_pairs, "--mqar-samples", str(args.mqar_samples),
             "--threads", str(args.threads), "--device", "cpu", "--no-progress"]
 
 
@@ -401,6 +401,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--long-docs", type=int, default=16)
     p.add_argument("--passkey-doublings", type=int, default=3, help="passkey lengths: ctx, 2 ctx, .. 2^N ctx")
     p.add_argument("--passkey-samples", type=int, default=2, help="samples per (length, depth)")
+    p.add_argument("--mqar-pairs", default="4,8,16,32,64,128,256", help="MQAR key-value pairs (4 tokens each)")
     p.add_argument("--mqar-samples", type=int, default=32)
     p.add_argument("--run-root", type=Path, default=ROOT / "runs/quality")
     p.add_argument("--out", type=Path, default=ROOT / "docs/QUALITY.md")

@@ -144,6 +144,21 @@ def test_perplexity_equals_hand_computation(long_docs):
     assert r["tokens_per_s"] > 0
 
 
+
+def test_heldout_reads_the_documents_training_held_out(long_docs):
+    """--heldout F reads exactly the documents a run with data.valid_fraction=F never trained on."""
+    from hope_dist.data.token_file import TokenFile
+    from hope_dist.data.validation import split_documents
+
+    loaded = _loaded(tiny_model("selfmod"))
+    tf = TokenFile(str(long_docs))
+    train, held = split_documents(len(tf.doc_len), 0.34)
+    got = list(open_documents(str(long_docs), loaded, heldout=0.34))
+    assert len(got) == len(held) == 2 and len(train) == 4
+    for ids, d in zip(got, held):
+        np.testing.assert_array_equal(ids, tf.tokens[tf.doc_start[d]:tf.doc_start[d] + tf.doc_len[d]])
+    assert sum(len(x) for x in got) < sum(len(x) for x in open_documents(str(long_docs), loaded))
+
 # ------------------------------------------------------------------ passkey
 @pytest.mark.parametrize("mode", ["tokens", "text"])
 def test_passkey_samples_are_deterministic_and_placed(mode, tokenizer_file):
@@ -290,6 +305,10 @@ def test_errors(checkpoint, long_docs, tokenizer_file, tmp_path, capsys):
     _fails(capsys, [ck, "--tasks", "passkey", "--passkey-lengths", "8"], "below the", out)
     _fails(capsys, [ck, "--tasks", "perplexity"], "need --data", out)
     _fails(capsys, [ck, "--tasks", "bogus"], "unknown ['bogus']", out)
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text('{"text": "one document"}\n')
+    _fails(capsys, [ck, "--data", str(jsonl), "--heldout", "0.1"], "needs --data as a Megatron PREFIX", out)
+    _fails(capsys, [ck, "--data", str(long_docs), "--heldout", "1.5"], "must be in (0, 1)", out)
     big = tmp_path / "big.json"
     spec = json.loads(tokenizer_file.read_text())
     spec["added_tokens"].append({**spec["added_tokens"][0], "id": 500, "content": "<|extra|>"})
