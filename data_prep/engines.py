@@ -15,14 +15,18 @@ import importlib.util
 import json
 import os
 
+from hope_dist.errors import UserError
+
 EOD_TOKEN = "<|endoftext|>"
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 ENGINES = ("auto", "tiktoken", "tokenizers")
 MAX_CACHED_WORDS = 4_000_000  # verified words kept per worker; past that the cache restarts
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A tokenizer that cannot be read or used; the message says what to pass instead."""
+
+    label = "tokenizer error"
 
 
 def file_digest(path: str) -> str:
@@ -180,7 +184,10 @@ def load_encoder(path: str, engine: str = "auto", eod_token: str = EOD_TOKEN):
                              "tokenizer.json or a SentencePiece .model") from e
     if engine == "tokenizers":
         return HFEncoder(path, eod_token)
-    reason = tiktoken_incompatibility(spec) if isinstance(spec, dict) else "not a tokenizer.json"
+    try:
+        reason = tiktoken_incompatibility(spec) if isinstance(spec, dict) else "not a tokenizer.json"
+    except (AttributeError, KeyError, TypeError, IndexError) as e:  # malformed: `tokenizers` below names the problem
+        reason = f"unexpected structure ({type(e).__name__}: {e})"
     if reason is None and importlib.util.find_spec("tiktoken") is None:
         reason = "tiktoken is not installed (pip install tiktoken)"
     if reason is None:

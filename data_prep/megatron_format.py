@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hope_dist.errors import DataError
+
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 HEADER_BYTES = 34  # magic 9 + version 8 + dtype code 1 + sequence count 8 + document count 8
 DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64,
@@ -19,7 +21,7 @@ DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6
 CODE_OF_DTYPE = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
 
 
-class FormatError(ValueError):
+class FormatError(DataError):
     """A .bin/.idx pair that is missing, truncated or corrupt."""
 
 

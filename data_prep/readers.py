@@ -16,12 +16,16 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
+from hope_dist.errors import UserError
+
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 SUFFIXES = JSONL_SUFFIXES + (".parquet", ".txt", ".arrow")
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """Bad input: names the file (and line) and what to do about it."""
+
+    label = "input error"
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,12 @@ import sys
 import threading
 from collections import Counter
 
-from data_prep.engines import ENGINES, EOD_TOKEN, TokenizerError, file_digest, load_encoder
-from data_prep.megatron_format import FormatError, token_dtype
+from data_prep.engines import ENGINES, EOD_TOKEN, file_digest, load_encoder
+from data_prep.megatron_format import token_dtype
 from data_prep.progress import Progress
 from data_prep.readers import DocumentReader, InputError, Piece, plan_shards
 from data_prep.shard_store import ShardStore, atomic_write_bytes, merge_shards
+from hope_dist.errors import UserError, report
 
 BATCH_CHARS = 1 << 20   # encode about 1 MB of text per call
 BATCH_DOCS = 1024
@@ -248,9 +249,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         return tokenize(args)
-    except (InputError, TokenizerError, FormatError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        return report(e)
 
 
 if __name__ == "__main__":

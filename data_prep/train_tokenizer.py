@@ -15,6 +15,7 @@ import time
 
 from data_prep.engines import EOD_TOKEN
 from data_prep.readers import DocumentReader, InputError, plan_shards
+from hope_dist.errors import report
 
 
 def train(inputs: list[str], vocab_size: int, out: str, text_key: str = "text",
@@ -68,8 +69,7 @@ def main(argv=None) -> int:
         s = train(args.input, args.vocab_size, args.out, args.text_key, args.max_mb,
                   args.min_frequency)
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     print(f"wrote {args.out}: byte-level BPE, vocabulary {s['vocab_size']:,} (<|endoftext|> = 0), "
           f"trained on {s['documents']:,} documents / {s['chars'] / 1e6:.1f} M characters in "
           f"{time.perf_counter() - t0:.1f} s ({s['skipped']:,} skipped)")

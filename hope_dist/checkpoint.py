@@ -15,6 +15,7 @@ background thread; at most one save is in flight.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -23,6 +24,7 @@ import sys
 import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +33,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed._state_dict_utils import CompanionMismatch, _copy_state_dict, _create_cpu_state_dict
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.staging import AsyncStager
 
 from hope_dist.config import CheckpointConfig, ModelConfig
+from hope_dist.errors import UserError
 
 MARKER = "COMMITTED"
 META = "meta.json"
@@ -43,13 +47,18 @@ FORMAT = "hope_dist.checkpoint/1"
 ARCHITECTURE = "HopeModel"
 # Test hook: a save of this step stalls forever right before its marker (the SIGKILL test).
 STALL_ENV = "HOPE_DIST_CKPT_STALL_BEFORE_COMMIT"
+# Test hook (bench/chaos.py): every save waits this many ms before its marker, so a fault can land
+# inside a save of a tiny model. Unset (0) outside fault tests.
+DELAY_ENV = "HOPE_DIST_CKPT_COMMIT_DELAY_MS"
 # Model config keys that choose an implementation, not the function: free to differ on resume.
 IMPL_KEYS = ("kernel",)
 _STEP = re.compile(r"^step-(\d+)$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used; the message names the file and the fix."""
+
+    label = "checkpoint error"
 
 
 def _rank() -> int:
@@ -125,6 +134,8 @@ def verify(path: Path, checksums: bool = True, files: list[str] | None = None) -
         manifest = json.loads((path / MANIFEST).read_text())
     except ValueError as e:
         return [f"{path / MANIFEST}: not valid JSON ({e})"]
+    if not isinstance(manifest, dict):
+        return [f"{path / MANIFEST}: not a mapping of file names to sizes and checksums"]
     for name, want in sorted(manifest.items()):
         if files is not None and name not in files:
             continue
@@ -149,7 +160,10 @@ def verify(path: Path, checksums: bool = True, files: list[str] | None = None) -
 
 def verify_distributed(path: Path) -> None:
     """Every rank checks its share of the files; all ranks raise the same error if any fails."""
-    names = sorted(json.loads((path / MANIFEST).read_text())) if (path / MANIFEST).is_file() else None
+    try:
+        names = sorted(json.loads((path / MANIFEST).read_text()))
+    except (OSError, ValueError, TypeError):  # missing or unreadable: verify() names the problem
+        names = None
     mine = names[_rank()::_world()] if names is not None else None
     problems = verify(path, files=mine)
     if dist.is_initialized():
@@ -173,10 +187,19 @@ def read_meta(path: Path) -> dict[str, Any]:
         meta = json.loads(file.read_text())
     except ValueError as e:
         raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{file}: holds a JSON {type(meta).__name__}, not hope_dist's metadata object")
     if meta.get("format") != FORMAT or meta.get("architecture") != ARCHITECTURE:
         raise CheckpointError(
             f"{file}: format {meta.get('format')!r}, architecture {meta.get('architecture')!r}; this "
             f"build reads {FORMAT!r} checkpoints of {ARCHITECTURE!r} (a checkpoint from another model?)")
+    missing = [k for k in ("step", "layout") if k not in meta]
+    if not isinstance(meta.get("config"), dict) or not isinstance(meta["config"].get("model"), dict):
+        missing.append("config.model")
+    if missing:
+        raise CheckpointError(
+            f"{file}: no {', '.join(missing)} entry (the file was edited or written by something else); "
+            f"resume from another step-N folder (--checkpoint.resume=DIR)")
     return meta
 
 
@@ -266,9 +289,40 @@ def _commit(path: Path, step: int, meta: dict[str, Any], digests: dict[str, dict
     if os.environ.get(STALL_ENV) == str(step):
         print(f"checkpoint: stalling before committing {path} ({STALL_ENV})", flush=True)
         time.sleep(3600)
+    time.sleep(float(os.environ.get(DELAY_ENV, "0")) / 1000)
     tmp = path / (MARKER + ".tmp")
     tmp.write_text(f"{step}\n")
     os.replace(tmp, path / MARKER)
+
+
+# ------------------------------------------------------------------ a full disk
+def state_bytes(state: Any) -> int:
+    """Bytes of the tensors this rank writes for a DCP state dict (a DTensor: its local shard)."""
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    if isinstance(state, torch.Tensor):
+        local = state.to_local() if hasattr(state, "to_local") else state
+        return local.numel() * local.element_size()
+    return 0
+
+
+def _errnos(err: BaseException) -> set[int]:
+    """Every errno in an exception, its causes and (DCP) the failures of every rank."""
+    found, todo = set(), [err]
+    while todo:
+        e = todo.pop()
+        if isinstance(getattr(e, "errno", None), int):
+            found.add(e.errno)
+        todo += [c for c in (e.__cause__, e.__context__) if c is not None]
+        if isinstance(e, CheckpointException):
+            todo += [exc for exc, _ in e.failures.values()]
+    return found
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 # ------------------------------------------------------------------ the trainer's checkpointer
@@ -302,22 +356,30 @@ class ReusedBufferStager(AsyncStager):
 
 
 class Checkpointer:
-    def __init__(self, cfg: CheckpointConfig, run_dir: Path):
+    def __init__(self, cfg: CheckpointConfig, run_dir: Path, timeout_s: float | None = None):
         self.cfg = cfg
         self.dir = Path(cfg.dir) if cfg.dir else Path(run_dir) / "checkpoints"
         self.last_step: int | None = None  # the step of the newest save started by this process
         self._pending: Future | None = None
+        self._skippable = False  # the newest save may fail for a full disk (checkpoint.on_save_error)
+        self._bytes = 0  # this rank's share of the newest save, to recognise a full disk
         self._executor: ThreadPoolExecutor | None = None
         self._stager = ReusedBufferStager() if cfg.async_save else None
-        # async saves run DCP's collectives off the training thread: give them their own group
-        self._pg = dist.new_group(backend="gloo") if cfg.async_save and dist.is_initialized() else None
+        # async saves run DCP's collectives off the training thread: give them their own group, with the
+        # job's collective timeout (new_group's default is 30 minutes: a peer that died while this
+        # group forms would otherwise hang the restarted job that long)
+        timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
+        self._pg = dist.new_group(backend="gloo", timeout=timeout) if cfg.async_save and dist.is_initialized() \
+            else None
 
     def path(self, step: int) -> Path:
         return self.dir / f"step-{step}"
 
-    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> Path:
+    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any], skippable: bool = False) -> Path:
         """Write `state` (a DCP state dict) for `step`, commit, prune. With checkpoint.async_save
-        this returns once the state is staged in memory; the write and commit finish behind."""
+        this returns once the state is staged in memory; the write and commit finish behind.
+        `skippable` (interval saves): under checkpoint.on_save_error=continue a full disk is
+        logged and training goes on; the final and preemption saves always raise."""
         self.wait()
         path = self.path(step)
         if _rank() == 0:
@@ -326,12 +388,22 @@ class Checkpointer:
             path.mkdir(parents=True)
         _barrier()
         self.last_step = step
+        self._skippable = skippable
+        self._bytes = state_bytes(state)
         if self.cfg.async_save:
             staged = dcp.async_save(state, checkpoint_id=str(path), process_group=self._pg,
                                     async_stager=self._stager, no_dist=not dist.is_initialized())
             self._executor = self._executor or ThreadPoolExecutor(1, thread_name_prefix="ckpt-commit")
             self._pending = self._executor.submit(self._finish_async, staged, path, step, meta)
             return path
+        try:
+            self._write(path, step, state, meta)
+        except (Exception, CheckpointException) as e:
+            if not self._skip_or_raise_if_disk_full(path, e):
+                raise
+        return path
+
+    def _write(self, path: Path, step: int, state: dict[str, Any], meta: dict[str, Any]) -> None:
         dcp.save(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
         _barrier()
         files = _dcp_files(path)
@@ -340,11 +412,19 @@ class Checkpointer:
             parts: list[dict] = [{} for _ in range(_world())]
             dist.all_gather_object(parts, digests)
             digests = {k: v for part in parts for k, v in part.items()}
+        failure = None
         if _rank() == 0:
-            _commit(path, step, meta, digests)
-            self._prune()
-        _barrier()
-        return path
+            try:
+                _commit(path, step, meta, digests)
+                self._prune()
+            except OSError as e:
+                failure = (e.errno, f"rank 0 could not commit {path}: {e}")
+        if dist.is_initialized():  # every rank leaves with rank 0's outcome, so all stop or go on
+            box = [failure]
+            dist.broadcast_object_list(box, src=0)
+            failure = box[0]
+        if failure:
+            raise OSError(*failure)
 
     def _finish_async(self, staged: Future, path: Path, step: int, meta: dict[str, Any]) -> None:
         staged.result()  # on rank 0 this returns after DCP wrote .metadata, i.e. after every rank
@@ -356,7 +436,39 @@ class Checkpointer:
         """Block until the in-flight async save (if any) is committed; re-raise its error."""
         if self._pending is not None:
             pending, self._pending = self._pending, None
-            pending.result()
+            try:
+                pending.result()
+            except (Exception, CheckpointException) as e:
+                if not self._skip_or_raise_if_disk_full(self.path(self.last_step), e):
+                    raise
+
+    def _skip_or_raise_if_disk_full(self, path: Path, err: BaseException) -> bool:
+        """A full filesystem reaches DCP as an opaque write error ("unexpected pos 704 vs 598"): when
+        it is one (ENOSPC/EDQUOT, or less room left than this rank's share), remove the partial
+        folder, which would never be loaded anyway, and say what happened, where, and what is intact:
+        as an error, or (an interval save under on_save_error=continue) logged, returning True.
+        False: not a full disk; the caller re-raises `err`."""
+        usage = shutil.disk_usage(self.dir)
+        if usage.free >= self._bytes and not _errnos(err) & {errno.ENOSPC, errno.EDQUOT}:
+            return False
+        if _rank() == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        steps = committed_steps(self.dir)
+        intact = (f"the newest complete checkpoint, {self.path(steps[-1])}, is intact and resumable"
+                  if steps else "there is no complete checkpoint yet")
+        detail = next((line for line in str(err).splitlines()[::-1] if line.strip()), type(err).__name__)
+        full = CheckpointError(
+            f"{path} could not be written: the filesystem holding {self.dir} is full ({_mib(usage.free)} free of "
+            f"{_mib(usage.total)}; this rank's tensors alone take {_mib(self._bytes)}). The partial folder was "
+            f"removed and {intact}: free space, move checkpoint.dir to a larger filesystem or lower "
+            f"checkpoint.keep_last, then resume with --resume [{detail.strip()}]")
+        if self._skippable and self.cfg.on_save_error == "continue":
+            self.last_step = None  # nothing saved: a stop at this step must save again (and may raise)
+            if _rank() == 0:
+                print(f"checkpoint error (checkpoint.on_save_error=continue, training goes on): {full}",
+                      file=sys.stderr, flush=True)
+            return True
+        raise full from err
 
     def _prune(self) -> None:
         steps = committed_steps(self.dir)
@@ -386,4 +498,13 @@ class Checkpointer:
 
     @staticmethod
     def load(path: Path, state: dict[str, Any]) -> None:
-        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+        """DCP load; a state the checkpoint does not hold (another optimizer, another version of the
+        training state) is an error naming the key, not DCP's traceback of every rank."""
+        try:
+            dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+        except CheckpointException as e:
+            reasons = "; ".join(sorted({str(exc).strip() for exc, _ in e.failures.values()}))
+            raise CheckpointError(
+                f"{path}: this job's training state cannot be loaded from it ({reasons}): it was written with "
+                f"other settings (optimizer, model) or another version of hope_dist; resume with the settings in "
+                f"{Path(path) / META}, or start a new run_dir") from e

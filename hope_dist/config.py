@@ -6,6 +6,7 @@ job's config should fail in the first second, not after the first checkpoint int
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -14,9 +15,13 @@ from typing import Any
 
 import yaml
 
+from hope_dist.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration problem; the message names the key."""
+
+    label = "config error"
 
 
 @dataclass
@@ -63,14 +68,20 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"  # adamw | m3 (Nested Learning Algorithm 1 on hidden matrices; docs/optim.md)
     lr: float = 4e-4
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
     weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
+    beta1: float = 0.9  # first moment; m3: also the fast momentum M1
+    beta2: float = 0.95  # second moment V
     eps: float = 1e-8
     grad_clip: float = 1.0  # <= 0 disables clipping
+    beta3: float = 0.9  # m3: decay of the slow momentum M2 per slow step
+    alpha: float = 1.0  # m3: weight of the slow momentum's orthogonalised update
+    ns_steps: int = 5  # m3: Newton-Schulz iterations
+    slow_every: int = 10  # m3: f, a matrix's slow momentum refreshes every f of its own steps
+    precondition: str = "before_ns"  # m3: divide by sqrt(V) + eps before Newton-Schulz | after_ns (as printed)
 
 
 @dataclass
@@ -120,6 +131,7 @@ class CheckpointConfig:
     async_save: bool = False
     resume: str = "auto"  # auto | never | a step-N folder
     dir: str | None = None  # default: RUN_DIR/checkpoints
+    on_save_error: str = "stop"  # stop | continue: an interval save that fails for a full disk is skipped
 
 
 @dataclass
@@ -162,6 +174,22 @@ def _positive(key: str, value: float) -> None:
         raise ConfigError(f"{key}={value!r} must be >= 1")
 
 
+def _validate_optim(o: OptimConfig) -> None:
+    _choice("optim.name", o.name, ("adamw", "m3"))
+    _choice("optim.precondition", o.precondition, ("before_ns", "after_ns"))
+    for key in ("beta1", "beta2", "beta3"):
+        value = getattr(o, key)
+        if not 0 <= value < 1:
+            raise ConfigError(f"optim.{key}={value} must be in [0, 1): it is a decay factor, e.g. 0.9")
+    if o.alpha < 0:
+        raise ConfigError(f"optim.alpha={o.alpha} must be >= 0: the slow momentum's weight (0 turns it off)")
+    if o.ns_steps < 1:
+        raise ConfigError(f"optim.ns_steps={o.ns_steps} must be >= 1: Newton-Schulz iterations, 5 as in Muon")
+    if o.slow_every < 1:
+        raise ConfigError(f"optim.slow_every={o.slow_every} must be >= 1: the slow momentum's period f, in each "
+                          "matrix's own steps (1 refreshes it every step)")
+
+
 def validate(cfg: JobConfig) -> None:
     """Check cross-field constraints; every message names the key and the fix."""
     m = cfg.model
@@ -191,6 +219,8 @@ def validate(cfg: JobConfig) -> None:
     t = cfg.training
     for key in ("steps", "seq_len", "global_batch", "micro_batch"):
         _positive(f"training.{key}", getattr(t, key))
+    if not 0 <= t.seed < 2**63:
+        raise ConfigError(f"training.seed={t.seed} must be >= 0 and < 2**63 (numpy and torch seeds)")
     _choice("training.mixed_precision", t.mixed_precision, ("auto", "bf16", "fp32"))
     _choice("training.nonfinite", t.nonfinite, ("stop", "skip"))
     p = cfg.parallel
@@ -201,7 +231,7 @@ def validate(cfg: JobConfig) -> None:
     if t.global_batch % (dp * t.micro_batch):
         raise ConfigError(
             f"training.global_batch={t.global_batch} must be a multiple of data-parallel size "
-            f"({dp}) x training.micro_batch={t.micro_batch}")
+            f"({dp} = parallel.dp_replicate x parallel.dp_shard) x training.micro_batch={t.micro_batch}")
     if m.n_heads % p.tp:
         raise ConfigError(
             f"parallel.tp={p.tp} does not divide model.n_heads={m.n_heads}: heads are split over "
@@ -233,6 +263,7 @@ def validate(cfg: JobConfig) -> None:
                 f"model.n_layers={m.n_layers} must be >= {2 * p.pp}; use pp_schedule=1f1b")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr={cfg.optim.lr} must be > 0")
+    _validate_optim(cfg.optim)
     if cfg.data.weights is not None and len(cfg.data.weights) != len(cfg.data.paths):
         raise ConfigError(
             f"data.weights has {len(cfg.data.weights)} entries but data.paths has "
@@ -252,6 +283,7 @@ def validate(cfg: JobConfig) -> None:
                           "or data.valid_paths, or set eval.every=0")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last} must be >= 1")
+    _choice("checkpoint.on_save_error", cfg.checkpoint.on_save_error, ("stop", "continue"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,12 +314,15 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{key} must be true or false, got {value!r}")
     if tp in (int, float):
-        try:
-            if tp is int and isinstance(value, float) and not value.is_integer():
+        try:  # YAML reads yes/no/true/false as booleans: never take them for 1 and 0
+            if isinstance(value, bool) or (tp is int and isinstance(value, float) and not value.is_integer()):
                 raise ValueError
-            return tp(float(value)) if tp is int else tp(value)
-        except (TypeError, ValueError):
+            number = tp(float(value)) if tp is int else tp(value)
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{key} must be {tp.__name__}, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}={value!r} must be a finite number")
+        return number
     if tp is str:
         return str(value)
     return value
@@ -315,7 +350,19 @@ def _set_path(tree: dict, dotted: str, value: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"--{dotted}: {part!r} is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+    node[parts[-1]] = _load_yaml(value, f"--{dotted}={value!r}") if value != "" else ""
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load, with an error naming `where` (a file or an override) and the position."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where} is not valid YAML{at} ({problem}): close its brackets and quotes, or quote "
+                          f"the whole value") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
@@ -325,7 +372,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist (see configs/ for examples)")
-        tree = yaml.safe_load(path.read_text()) or {}
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {str(path)!r} cannot be read ({e}); pass a YAML file") from None
+        tree = _load_yaml(text, f"config file {str(path)!r}") or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
     for arg in overrides:

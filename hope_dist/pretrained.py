@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from hope_dist.config import ConfigError, ModelConfig, from_dict
+from hope_dist.errors import UserError
 from hope_dist.model import HopeModel, materialize
 
 FORMAT = "hope_dist.pretrained/1"
@@ -50,8 +51,10 @@ AUTO_MAP = {"AutoConfig": "configuration_hope.HopeConfig", "AutoModelForCausalLM
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-class PretrainedError(ValueError):
+class PretrainedError(UserError, ValueError):
     """An exported folder that cannot be used; the message names the file."""
+
+    label = "export error"
 
 
 # ------------------------------------------------------------------ writing and reading folders

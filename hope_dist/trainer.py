@@ -6,8 +6,9 @@ One optimizer step (HOPE_SPEC section 4):
      back to those that do;
   3. ticking groups are reduced once over the data-parallel group and divided by the global
      token count of their window (so the result is independent of the data-parallel size);
-  4. one global norm clip over what steps now; AdamW steps only parameters with a gradient,
-     so a level's Adam step count counts its ticks and nothing decays between ticks.
+  4. one global norm clip over what steps now; AdamW (or M3, docs/optim.md) steps only
+     parameters with a gradient, so a level's optimizer step count counts its ticks and nothing
+     decays between ticks.
 """
 from __future__ import annotations
 
@@ -34,10 +35,12 @@ from hope_dist.clock import CMSClock, build_clock_groups
 from hope_dist.config import JobConfig, OptimConfig
 from hope_dist.data import build_train_stream
 from hope_dist.data.validation import build_validation_set
+from hope_dist.errors import DataError
 from hope_dist.metrics import MetricsLogger
 from hope_dist.model import build_model, count_parameters, document_segments
 from hope_dist.model.memory_health import STATS as HEALTH_STATS
 from hope_dist.model.memory_mixer import MemoryMixer
+from hope_dist.optim import build_m3
 from hope_dist.parallel.grad_sync import clip_grad_norm_
 from hope_dist.parallel.mesh import build_mesh, check_world_size
 from hope_dist.parallel.parallelize import parallelize
@@ -66,10 +69,13 @@ def git_commit() -> str:
         return "unknown"
 
 
-def build_optimizer(groups, cfg: OptimConfig) -> torch.optim.AdamW:
-    """One AdamW; a param group per (clock group, decay). Matrices decay, vectors don't.
+def build_optimizer(groups, cfg: OptimConfig, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+    """optim.name=m3: hope_dist.optim.M3, which needs `model` to find its hidden matrices.
+    adamw: one AdamW; a param group per (clock group, decay). Matrices decay, vectors don't.
     State is created eagerly (step 0, zero moments): identical to AdamW's lazy init, but a
     checkpoint then always holds every level, even one that has not ticked yet."""
+    if cfg.name == "m3":
+        return build_m3(groups, cfg, model)
     param_groups = []
     for g in groups:
         for decay in (True, False):
@@ -103,7 +109,7 @@ class Trainer:
                                        dp_size=self.dp_size, seed=t.seed, eod_id=cfg.data.eod_id,
                                        tokenizer=cfg.data.tokenizer, valid_fraction=cfg.data.valid_fraction)
         if self.data.vocab_size > cfg.model.vocab_size:
-            raise ValueError(
+            raise DataError(
                 f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "
                 f"({self.data.vocab_size}); set --model.vocab_size={self.data.vocab_size} or larger")
         self.eod_id = self.data.eod_id if t.reset_state_at_eod else None
@@ -120,10 +126,10 @@ class Trainer:
                        if isinstance(block.mixer, MemoryMixer)}  # this rank's layers
         self.groups = build_clock_groups(self.model)
         self.clock = CMSClock(self.groups)
-        self.optimizer = build_optimizer(self.groups, cfg.optim)
+        self.optimizer = build_optimizer(self.groups, cfg.optim, self.model)
         self.sync = self.parallel.sync
         self.sync.attach(self.clock)
-        self.ckpt = Checkpointer(cfg.checkpoint, self.run_dir)
+        self.ckpt = Checkpointer(cfg.checkpoint, self.run_dir, cfg.parallel.timeout_s)
         self.step = 0
         self.tokens_seen = 0
         self._stop_signal: str | None = None
@@ -170,13 +176,13 @@ class Trainer:
                 "rng": {f"rank{self.rank}": rng},
                 "train": {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.data.state_dict()}}
 
-    def save(self) -> Path:
+    def save(self, skippable: bool = False) -> Path:
         p = self.cfg.parallel
         meta = {"step": self.step, "tokens_seen": self.tokens_seen, "git_commit": git_commit(),
                 "next_lr": lr_at(self.step, self.cfg.optim, self.cfg.training.steps),
                 "layout": {"dp": self.dp_size, "tp": p.tp, "pp": p.pp}, "world_size": self.world,
                 "torch": torch.__version__, "config": self.cfg.to_dict()}
-        return self.ckpt.save(self.step, self._state(), meta)
+        return self.ckpt.save(self.step, self._state(), meta, skippable)
 
     def maybe_resume(self) -> None:
         """Load the checkpoint `checkpoint.resume` names, from any (dp, tp, pp) layout: DCP
@@ -380,8 +386,9 @@ class Trainer:
                     logger.print(f"step {self.step - 1}: non-finite loss, update skipped (training.nonfinite=skip)")
                 interval = cfg.checkpoint.interval
                 if interval > 0 and self.step % interval == 0 and self.step < cfg.training.steps:
-                    self.save()
+                    self.save(skippable=True)  # a full disk stops the run unless checkpoint.on_save_error=continue
                 if self._agree_to_stop():  # saved already when the stop falls on an interval step
+                    self.ckpt.wait()  # ... if that save committed (a skipped one leaves last_step unset)
                     path = self.ckpt.path(self.step) if self.ckpt.last_step == self.step else self.save()
                     self.ckpt.wait()
                     if self.rank == 0:

@@ -29,6 +29,24 @@ hope_parse_args() {
     HOPE_ARGS+=("${HOPE_USER_ARGS[@]}")
 }
 
+# The first host of the allocation, where the c10d rendezvous runs; an error, never an empty host,
+# when SLURM_JOB_NODELIST is unset, scontrol is missing or the list does not expand.
+hope_first_node() {
+    local list=${SLURM_JOB_NODELIST:-} hosts
+    [[ -n $list ]] || hope_die "SLURM_JOB_ID=$SLURM_JOB_ID is set but SLURM_JOB_NODELIST is empty: run inside an" \
+        "sbatch/salloc allocation, or unset SLURM_JOB_ID to submit the job"
+    command -v scontrol >/dev/null || hope_die "scontrol is not in PATH ($PATH); it expands" \
+        "SLURM_JOB_NODELIST=$list into the rendezvous host: load the SLURM module or add SLURM's bin folder to PATH"
+    hosts=$(scontrol show hostnames "$list" 2>/dev/null) && hosts=${hosts%%$'\n'*}
+    if [[ ! $hosts =~ ^[A-Za-z0-9._-]+$ ]]; then  # scontrol may print an error, or junk, and still exit 0
+        local why
+        why=$(scontrol show hostnames "$list" 2>&1 | head -n 4)
+        hope_die "SLURM_JOB_NODELIST=$list does not expand to host names (scontrol show hostnames:" \
+            "${why//$'\n'/ }): check the allocation's node list and SLURM's configuration (SLURM_CONF)"
+    fi
+    echo "$hosts"
+}
+
 # HOPE_NPROC, HOPE_CPUS, HOPE_WORLD, HOPE_TORCHRUN and HOPE_SRUN from the allocation (or, before
 # submission, from the HOPE_* variables and the script's #SBATCH defaults).
 hope_plan() {
@@ -39,8 +57,10 @@ hope_plan() {
         "set HOPE_NPROC_PER_NODE to the number of training processes per node (e.g. 2 for a CPU run)"
     HOPE_WORLD=$((nnodes * HOPE_NPROC))
     local head='<first node>'
-    if [[ -n ${SLURM_JOB_NODELIST:-} ]]; then head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1); fi
+    if [[ -n ${SLURM_JOB_ID:-} ]]; then head=$(hope_first_node) || exit 2; fi
     local port=${HOPE_RDZV_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
+    [[ $port =~ ^[0-9]+$ ]] && ((port >= 1024 && port <= 65535)) ||
+        hope_die "HOPE_RDZV_PORT=$port is not a port number in 1024-65535: set HOPE_RDZV_PORT to a free port"
     HOPE_TORCHRUN=(torchrun --nnodes="$nnodes" --nproc-per-node="$HOPE_NPROC"
         --rdzv-backend=c10d --rdzv-endpoint="$head:$port" --rdzv-id="hope-${SLURM_JOB_ID:-0}"
         --max-restarts="${HOPE_MAX_RESTARTS:-0}" hope_dist/pretrain.py)
@@ -184,7 +204,14 @@ hope_main() {
     cd "$HOPE_REPO" || hope_die "cannot cd to HOPE_REPO=$HOPE_REPO"  # relative paths start here
     local venv=${HOPE_VENV:-$HOPE_REPO/.venv}  # a cluster's module/conda setup can go before sbatch
     # shellcheck disable=SC1091
-    if [[ -f $venv/bin/activate ]]; then source "$venv/bin/activate"; fi
+    if [[ -f $venv/bin/activate ]]; then
+        source "$venv/bin/activate"
+    elif [[ -n ${HOPE_VENV:-} ]]; then
+        hope_die "HOPE_VENV=$HOPE_VENV has no bin/activate: point it at the virtualenv hope_dist is installed in," \
+            "or unset it to use $HOPE_REPO/.venv"
+    fi
+    command -v python >/dev/null || hope_die "no python in PATH and no virtualenv at $venv: run" \
+        "bash scripts/setup.sh (creates .venv), set HOPE_VENV, or load your cluster's Python before sbatch"
     if [[ -z ${SLURM_JOB_ID:-} ]]; then
         export HOPE_REPO
         hope_submit

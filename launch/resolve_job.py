@@ -13,8 +13,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hope_dist.config import ConfigError, parse_args  # noqa: E402
-from hope_dist.parallel.mesh import check_world_size  # noqa: E402
+try:
+    from hope_dist.config import ConfigError, parse_args
+    from hope_dist.parallel.mesh import check_world_size
+except ImportError as e:  # the wrong python: no traceback, say which one and what to do
+    sys.exit(f"launch: {sys.executable} cannot import hope_dist's dependencies ({e}): set HOPE_VENV to the "
+             f"virtualenv hope_dist is installed in, or run bash scripts/setup.sh")
 
 
 def resolve(world: int, argv: list[str]) -> dict[str, str]:

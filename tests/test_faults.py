@@ -4,8 +4,10 @@ import math
 import os
 import re
 import signal
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +16,8 @@ from hope_dist.checkpoint import committed_steps
 from hope_dist.config import load_config
 from hope_dist.trainer import Trainer
 from slurm_jobs import STEPS, cluster, job_log, kill_rank, metrics, slurm, submit, wait_for_step  # noqa: F401
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
@@ -116,3 +120,49 @@ def test_max_restarts_resumes_from_the_newest_checkpoint(slurm, random_dataset, 
     assert [r["step"] for r in redone] == list(range(step, STEPS))
     assert [r["loss"] for r in first[step:]] == [r["loss"] for r in redone[: split - step]]
     assert (run_dir / "COMPLETE").read_text().strip() == str(STEPS)
+
+
+def worker_pid(agent: subprocess.Popen, rank: int) -> int | None:
+    """The pid of torchrun's worker of `rank` (its child with RANK set), or None before it starts."""
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == agent.pid \
+                    and f"RANK={rank}".encode() in (d / "environ").read_bytes().split(b"\0"):
+                return int(d.name)
+        except OSError:
+            continue
+    return None
+
+
+def test_hung_rank_ends_the_job_within_the_collective_timeout(random_dataset, tmp_path):
+    """Real torchrun, 2 gloo ranks; rank 1 is stopped (SIGSTOP) mid-run and never resumed. Rank 0
+    fails its next collective after parallel.timeout_s with the note [rank 0 of 2, step S] (S the step
+    rank 1 hung in, or the next), and torchrun ends the job: it kills the hung rank at most 30 s
+    later (its stop timeout). Bound: timeout_s + 30 s + 15 s of slack on a busy machine."""
+    run_dir, timeout_s = tmp_path / "run", 10  # also bounds the ranks' first connect: not lower on a busy host
+    args = tiny_overrides(*random_dataset, run_dir, **{"training.steps": 10000, "parallel.dp_replicate": 2,
+                                                       "parallel.timeout_s": timeout_s, "data.tokenizer": "null"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    agent = subprocess.Popen([str(REPO / ".venv/bin/torchrun"), "--standalone", "--nproc_per_node=2",
+                              "--monitor-interval=0.1", str(REPO / "hope_dist/pretrain.py"), *args],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(metrics(run_dir)) < 3 and agent.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        hung = worker_pid(agent, rank=1)
+        assert hung is not None, agent.communicate(timeout=60)[0][-3000:]
+        os.kill(hung, signal.SIGSTOP)
+        stopped, step = time.monotonic(), len(metrics(run_dir))  # the step in progress
+        out = agent.communicate(timeout=timeout_s + 60)[0]
+        elapsed = time.monotonic() - stopped
+    finally:
+        if agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGKILL)
+    assert agent.returncode != 0, out[-3000:]
+    assert timeout_s <= elapsed < timeout_s + 45, (elapsed, out[-3000:])
+    assert f"Timed out waiting {timeout_s * 1000}ms" in out, out[-3000:]
+    noted = re.search(r"\[rank 0 of 2, step (\d+)\]", out)
+    assert noted and int(noted.group(1)) in (step, step + 1), (step, out[-3000:])
+    assert not (run_dir / "COMPLETE").exists()

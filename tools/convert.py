@@ -18,16 +18,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
+import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
 from hope_dist.checkpoint import (CheckpointError, clock_for_dp_rank, model_config_diff, read_flat, read_meta,
                                   read_model, verify, write_offline)
-from hope_dist.config import ConfigError, JobConfig, from_dict
-from hope_dist.pretrained import PretrainedError, read_config, read_weights, save_pretrained
+from hope_dist.config import JobConfig, ModelConfig, from_dict
+from hope_dist.errors import UserError, report
+from hope_dist.pretrained import (CONFIG, INDEX, WEIGHTS, PretrainedError, build_from_weights, check_tokenizer,
+                                  read_config, read_weights, save_pretrained)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _CLOCK = re.compile(r"^clock\.dp(\d+)\.(acc|window_tokens)\.(.+)$")
@@ -41,6 +46,32 @@ def checked(path: str) -> tuple[Path, dict]:
     if problems:
         raise CheckpointError(f"{path} cannot be converted:\n  " + "\n  ".join(problems))
     return path, read_meta(path)
+
+
+def fitting(model_cfg: ModelConfig, weights: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """`weights` if they hold every tensor of the model, each of its shape (checked by loading them
+    into a meta-device model, which copies nothing); else an error naming `source`, not a training
+    run that fails later inside DCP."""
+    with warnings.catch_warnings():  # "copying into a meta parameter is a no-op": that is the point
+        warnings.simplefilter("ignore", UserWarning)
+        build_from_weights(model_cfg, weights, source, device="meta")
+    return weights
+
+
+def new_output(out: str) -> Path:
+    """A fresh sibling folder to write into; `publish` moves it to `out` once complete, so a failed
+    command leaves no `out` that looks finished."""
+    out = Path(out)
+    if out.exists() and (out.is_file() or any(out.iterdir())):
+        raise PretrainedError(f"{out} already exists; choose a new output folder (or delete it first)")
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def publish(tmp: Path, out: str) -> Path:
+    os.replace(tmp, out)
+    return Path(out)
 
 
 def parse_size(text: str) -> int:
@@ -58,8 +89,9 @@ def consolidate(ckpt: str, out: str, dtype: str = "fp32") -> Path:
     path, meta = checked(ckpt)
     weights = {k: v.to(DTYPES[dtype]).contiguous() for k, v in read_model(path).items()}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    save_file(weights, out, metadata={"format": "pt", "step": str(meta["step"]), "source": str(path)})
-    return Path(out)
+    tmp = Path(out).with_name(f".{Path(out).name}.partial")
+    save_file(weights, str(tmp), metadata={"format": "pt", "step": str(meta["step"]), "source": str(path)})
+    return publish(tmp, out)
 
 
 def reshard(ckpt: str, out: str, dp_replicate: int | None = None, dp_shard: int | None = None,
@@ -98,19 +130,36 @@ def export_hf(ckpt: str, out: str, dtype: str = "fp32", tokenizer: str | None = 
     if tokenizer is not None and not str(tokenizer).endswith(".json"):
         print(f"note: {tokenizer} is not a tokenizer.json; the folder gets no tokenizer", file=sys.stderr)
         tokenizer = None
-    if tokenizer is not None and not Path(tokenizer).is_file():
-        raise FileNotFoundError(f"tokenizer {tokenizer} does not exist; pass --tokenizer PATH/tokenizer.json")
     model_cfg = from_dict(JobConfig, meta["config"]).model
-    return save_pretrained(Path(out), read_model(path), model_cfg, dtype=DTYPES[dtype], tokenizer=tokenizer,
-                           max_shard_bytes=max_shard_bytes,
-                           source={"checkpoint": str(path), "step": meta["step"], "git_commit": meta.get("git_commit"),
-                                   "seq_len": meta["config"].get("training", {}).get("seq_len")})
+    if tokenizer is not None:
+        check_tokenizer(read_tokenizer(tokenizer), model_cfg.vocab_size, Path(tokenizer))
+    tmp = new_output(out)
+    save_pretrained(tmp, read_model(path), model_cfg, dtype=DTYPES[dtype], tokenizer=tokenizer,
+                    max_shard_bytes=max_shard_bytes,
+                    source={"checkpoint": str(path), "step": meta["step"], "git_commit": meta.get("git_commit"),
+                            "seq_len": meta["config"].get("training", {}).get("seq_len")})
+    return publish(tmp, out)
+
+
+def read_tokenizer(file: str):
+    """A tokenizers.Tokenizer, or an error naming the file (tokenizers' own errors name neither)."""
+    from tokenizers import Tokenizer
+
+    if not Path(file).is_file():
+        raise PretrainedError(f"tokenizer {file} does not exist; pass --tokenizer PATH/tokenizer.json")
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises a bare Exception for any unreadable file
+        raise PretrainedError(f"{file}: not a readable tokenizer.json ({e}); pass --tokenizer with the "
+                              f"tokenizer.json the model was trained with") from None
 
 
 def import_hf(folder: str, out: str, base: str | None = None) -> Path:
     """An exported folder -> a training checkpoint (weights only, or into `base`'s full state)."""
     model_cfg = read_config(Path(folder))
-    weights = {k: v.float() for k, v in read_weights(Path(folder)).items()}
+    files = Path(folder) / (INDEX if (Path(folder) / INDEX).is_file() else WEIGHTS)
+    weights = fitting(model_cfg, {k: v.float() for k, v in read_weights(Path(folder)).items()},
+                      f"{files} vs {Path(folder) / CONFIG}")
     model_dict = dataclasses.asdict(model_cfg)
     if base is None:
         meta = {"step": 0, "tokens_seen": 0, "layout": {"dp": 1, "tp": 1, "pp": 1}, "world_size": 1,
@@ -164,9 +213,8 @@ def main(argv: list[str] | None = None) -> int:
             out = export_hf(args.ckpt, args.out, args.dtype, args.tokenizer, args.max_shard_size)
         else:
             out = import_hf(args.folder, args.out, args.base)
-    except (CheckpointError, PretrainedError, ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except UserError as err:
+        return report(err)
     print(f"wrote {out}")
     return 0
 

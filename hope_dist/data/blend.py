@@ -9,6 +9,8 @@ without replaying the past: block ``b`` starts at index ``b * counts[k]`` of eve
 
 import numpy as np
 
+from hope_dist.errors import DataError
+
 BLOCK = 4096
 
 
@@ -27,8 +29,8 @@ class BlendSchedule:
         self.counts = block_counts(weights)
         starved = [n for n, w, c in zip(names, weights, self.counts) if w > 0 and c == 0]
         if starved:
-            raise ValueError(f"blend weights of {starved} round to 0 of {BLOCK} samples per block "
-                             "and would never be sampled; raise them or drop those datasets")
+            raise DataError(f"data.weights of {starved} round to 0 of {BLOCK} samples per block "
+                            "and would never be sampled; raise them or drop those datasets")
         self.seed = seed
         self._cached: tuple[int, np.ndarray, np.ndarray] | None = None
 

@@ -12,6 +12,7 @@ import logging
 import numpy as np
 
 from hope_dist.data.token_file import TokenFile
+from hope_dist.errors import DataError
 
 logger = logging.getLogger("hope_dist.data")
 
@@ -26,8 +27,8 @@ class DatasetSamples:
         num_tokens = int(data.doc_len[self.docs].sum())
         self.per_epoch = (num_tokens - 1) // seq_len
         if self.per_epoch < 1:
-            raise ValueError(f"{data.prefix} holds {num_tokens} training tokens, fewer than one sample "
-                             f"of seq_len + 1 = {seq_len + 1}; use a shorter seq_len or more data")
+            raise DataError(f"{data.prefix} holds {num_tokens} training tokens, fewer than one sample "
+                            f"of training.seq_len + 1 = {seq_len + 1}; use a shorter seq_len or more data")
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def _epoch(self, e: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -17,6 +17,7 @@ from hope_dist.data.samples import DatasetSamples
 from hope_dist.data.token_file import TokenFile
 from hope_dist.data.tokenizer_info import EOD_TOKEN, tokenizer_info
 from hope_dist.data.validation import split_documents
+from hope_dist.errors import DataError
 
 logger = logging.getLogger("hope_dist.data")
 
@@ -26,8 +27,9 @@ class TrainStream:
 
     def __init__(self, datasets: list[DatasetSamples], weights: list[float], *, seq_len: int,
                  global_batch: int, dp_rank: int, dp_size: int, seed: int, eod_id: int,
-                 vocab_size: int):
+                 vocab_size: int, vocab_source: str = "the data"):
         self.datasets, self.weights = datasets, weights
+        self.vocab_source = vocab_source  # where vocab_size comes from, for the out-of-vocabulary error
         self.seq_len, self.global_batch, self.seed = seq_len, global_batch, seed
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.eod_id, self.vocab_size = eod_id, vocab_size
@@ -45,9 +47,22 @@ class TrainStream:
     def next_batch(self) -> dict[str, torch.Tensor]:
         local = self.global_batch // self.dp_size
         first = self.consumed_samples + self.dp_rank * local
-        batch = torch.from_numpy(np.stack([self.sample(j) for j in range(first, first + local)]))
+        rows = np.stack([self.sample(j) for j in range(first, first + local)])
+        if rows.max() >= self.vocab_size:
+            self._out_of_vocabulary(first, rows)
+        batch = torch.from_numpy(rows)
         self.consumed_samples += self.global_batch
         return {"tokens": batch[:, :-1].contiguous(), "labels": batch[:, 1:].contiguous()}
+
+    def _out_of_vocabulary(self, first: int, rows: np.ndarray) -> None:
+        """An id past the vocabulary would fail as an index error deep inside the embedding (or
+        silently train on the wrong tokens): name the file and the tokenizer instead."""
+        r = int(np.argmax(rows.max(axis=1) >= self.vocab_size))
+        k = 0 if self.schedule is None else self.schedule.locate(first + r)[0]
+        raise DataError(f"{self.datasets[k].data.prefix}.bin holds token id {int(rows[r].max())}, outside the "
+                        f"vocabulary of {self.vocab_source} ({self.vocab_size} ids): the data was tokenized with "
+                        f"another tokenizer; set data.tokenizer to that one or re-tokenize the data "
+                        f"(python -m data_prep.tokenize)")
 
     def _identity(self) -> dict:
         return {"paths": [d.data.prefix for d in self.datasets], "weights": list(self.weights),
@@ -70,20 +85,21 @@ def build_train_stream(paths: list[str], weights: list[float] | None, *, seq_len
                        valid_fraction: float = 0.0) -> TrainStream:
     """Open the datasets and check every argument; errors say which one and how to fix it."""
     if isinstance(paths, (str, os.PathLike)) or not paths:
-        raise ValueError(f"data paths must be a non-empty list of dataset prefixes, got {paths!r}")
+        raise DataError(f"data.paths must be a non-empty list of dataset prefixes (PREFIX of PREFIX.bin/.idx), "
+                        f"got {paths!r}")
     if weights is not None:
         if len(weights) != len(paths):
-            raise ValueError(f"{len(weights)} data weights for {len(paths)} data paths {paths}; "
-                             "give one weight per path (or none)")
+            raise DataError(f"{len(weights)} data weights for {len(paths)} data paths {paths}; "
+                            "give one weight per path (or none)")
         if any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise ValueError(f"data weights {weights} must be >= 0 with a positive sum")
+            raise DataError(f"data.weights {weights} must be >= 0 with a positive sum")
     if seq_len < 1 or global_batch < 1:
-        raise ValueError(f"seq_len ({seq_len}) and global_batch ({global_batch}) must be positive")
+        raise DataError(f"seq_len ({seq_len}) and global_batch ({global_batch}) must be positive")
     if not 0 <= dp_rank < dp_size:
-        raise ValueError(f"dp_rank {dp_rank} is outside [0, dp_size={dp_size})")
+        raise DataError(f"dp_rank {dp_rank} is outside [0, dp_size={dp_size})")
     if global_batch % dp_size:
-        raise ValueError(f"global_batch {global_batch} is not divisible by the data-parallel size "
-                         f"{dp_size}; choose a global batch that is a multiple of {dp_size}")
+        raise DataError(f"global_batch {global_batch} is not divisible by the data-parallel size "
+                        f"{dp_size}; choose a global batch that is a multiple of {dp_size}")
     files = [TokenFile(p) for p in paths]
     if weights is None:  # plain concatenation: each dataset in proportion to its size
         weights = [float(f.num_tokens) for f in files]
@@ -96,13 +112,17 @@ def build_train_stream(paths: list[str], weights: list[float] | None, *, seq_len
     vocab_size, tok_eod = tokenizer_info(tokenizer) if tokenizer else (None, None)
     if vocab_size is None:
         vocab_size = max(f.max_token_id() for f in files) + 1
+    else:
+        for f in files:
+            check_tokenized_with(f, tokenizer, vocab_size, tok_eod)
     if eod_id is None:
         eod_id = tok_eod
     if eod_id is None:
-        raise ValueError(f"no end-of-document id: pass eod_id or a tokenizer that defines "
-                         f"{EOD_TOKEN!r} (got tokenizer={tokenizer!r})")
+        raise DataError(f"no end-of-document id: set data.eod_id or data.tokenizer to a tokenizer that defines "
+                        f"{EOD_TOKEN!r} (got tokenizer={tokenizer!r})")
     if not 0 <= eod_id < vocab_size:
-        raise ValueError(f"eod_id {eod_id} is outside the vocabulary [0, {vocab_size})")
+        raise DataError(f"data.eod_id={eod_id} is outside the vocabulary [0, {vocab_size}) of "
+                        f"{f'data.tokenizer={tokenizer}' if tokenizer else 'the data'}")
     total = sum(weights)
     for d, w in zip(datasets, weights):
         logger.info("data: %s: %d documents, %d tokens, %d samples of %d tokens per epoch, "
@@ -110,4 +130,16 @@ def build_train_stream(paths: list[str], weights: list[float] | None, *, seq_len
                     d.per_epoch, seq_len + 1, w / total)
     return TrainStream(datasets, weights, seq_len=seq_len, global_batch=global_batch,
                        dp_rank=dp_rank, dp_size=dp_size, seed=seed, eod_id=eod_id,
-                       vocab_size=vocab_size)
+                       vocab_size=vocab_size, vocab_source=f"data.tokenizer={tokenizer}" if tokenizer else "the data")
+
+
+def check_tokenized_with(data: TokenFile, tokenizer: str, vocab_size: int, eod_id: int | None) -> None:
+    """Data made by data_prep.tokenize records its tokenizer's vocabulary and EOD in PREFIX.done:
+    a different tokenizer fails here, before any step (ids past it fail later, in next_batch)."""
+    made = data.tokenized_with()
+    if made is None or (made.get("vocab_size") == vocab_size and eod_id in (None, made.get("eod_id"))):
+        return
+    raise DataError(f"{data.prefix}.bin was tokenized with {made.get('tokenizer')} ({made.get('vocab_size')} ids, "
+                    f"EOD id {made.get('eod_id')}; see {data.prefix}.done), but data.tokenizer={tokenizer} has "
+                    f"{vocab_size} ids, EOD id {eod_id}: set data.tokenizer to the tokenizer the data was made "
+                    f"with, or re-tokenize the data with this one")

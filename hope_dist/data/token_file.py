@@ -1,5 +1,6 @@
 """One Megatron ``PREFIX.bin/.idx`` pair, validated and memory-mapped, seen as documents."""
 
+import json
 import os
 
 import numpy as np
@@ -38,3 +39,12 @@ class TokenFile:
 
     def max_token_id(self) -> int:
         return int(self.tokens.max())
+
+    def tokenized_with(self) -> dict | None:
+        """What data_prep.tokenize recorded in PREFIX.done (tokenizer, vocab_size, eod_id), if anything."""
+        try:
+            with open(self.prefix + ".done") as f:
+                made = json.load(f)
+        except (OSError, ValueError):
+            return None
+        return made if isinstance(made, dict) else None

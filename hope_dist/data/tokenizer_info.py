@@ -2,6 +2,8 @@
 
 import json
 
+from hope_dist.errors import DataError
+
 EOD_TOKEN = "<|endoftext|>"
 
 
@@ -13,7 +15,8 @@ def tokenizer_info(path: str) -> tuple[int, int | None]:
         try:
             sp = sentencepiece.SentencePieceProcessor(model_file=path)
         except Exception as e:
-            raise ValueError(f"cannot read SentencePiece model {path}: {e}") from e
+            raise DataError(f"cannot read SentencePiece model {path} ({e}); pass the tokenizer the data "
+                            "was tokenized with (data.tokenizer)") from e
         pid = sp.piece_to_id(EOD_TOKEN)
         eod = pid if sp.id_to_piece(pid) == EOD_TOKEN else (sp.eos_id() if sp.eos_id() >= 0 else None)
         return sp.get_piece_size(), eod
@@ -22,7 +25,8 @@ def tokenizer_info(path: str) -> tuple[int, int | None]:
             spec = json.load(f)
         ids = dict(spec["model"]["vocab"])
         ids.update({t["content"]: t["id"] for t in spec.get("added_tokens", [])})
+        vocab_size = max(int(i) for i in ids.values()) + 1
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"cannot read tokenizer {path} ({e}); pass the tokenizer.json or .model "
-                         "the data was tokenized with") from e
-    return max(ids.values()) + 1, ids.get(EOD_TOKEN)
+        raise DataError(f"cannot read tokenizer {path} ({type(e).__name__}: {e}); pass the tokenizer.json "
+                        "or .model the data was tokenized with (data.tokenizer)") from e
+    return vocab_size, ids.get(EOD_TOKEN)

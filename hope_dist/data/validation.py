@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from hope_dist.data.token_file import TokenFile
+from hope_dist.errors import DataError
 
 SPLIT_SEED = 0x5EED_0F_7E57  # fixed: the held-out documents do not depend on training.seed
 
@@ -25,8 +26,8 @@ def split_documents(num_documents: int, fraction: float) -> tuple[np.ndarray, np
     """(training, validation) document indices, each in increasing order. At least one document is
     held out and at least one kept; `fraction` of them (rounded) are held out."""
     if num_documents < 2:
-        raise ValueError(f"data.valid_fraction needs at least 2 documents to hold one out, found "
-                         f"{num_documents}; use data.valid_paths with a separate validation set")
+        raise DataError(f"data.valid_fraction needs at least 2 documents to hold one out, found "
+                        f"{num_documents}; use data.valid_paths with a separate validation set")
     n_valid = min(max(1, round(fraction * num_documents)), num_documents - 1)
     held = np.zeros(num_documents, dtype=bool)
     held[np.random.default_rng(SPLIT_SEED).permutation(num_documents)[:n_valid]] = True
@@ -45,7 +46,7 @@ class ValidationSet:
         available = (len(stream) - 1) // seq_len // global_batch * global_batch
         if available == 0:
             names = ", ".join(f.prefix for f, _ in sources)
-            raise ValueError(f"validation data ({names}) holds {len(stream)} tokens, fewer than one global "
+            raise DataError(f"validation data ({names}) holds {len(stream)} tokens, fewer than one global "
                              f"batch of {global_batch} rows of {seq_len} + 1 tokens; raise data.valid_fraction, "
                              f"give larger data.valid_paths, or lower training.global_batch")
         self.n_rows = min(wanted, available)
@@ -87,7 +88,7 @@ def build_validation_set(train_paths: list[str], valid_paths: list[str], valid_f
         sources = [(f, split_documents(f.num_documents, valid_fraction)[1]) for f in files]
     for f in files:
         if f.max_token_id() >= vocab_size:
-            raise ValueError(f"validation data {f.prefix} holds token id {f.max_token_id()} >= model.vocab_size="
+            raise DataError(f"validation data {f.prefix} holds token id {f.max_token_id()} >= model.vocab_size="
                              f"{vocab_size}: it was tokenized with another tokenizer; re-tokenize it with "
                              f"data.tokenizer")
     return ValidationSet(sources, seq_len=seq_len, tokens=tokens, global_batch=global_batch,
