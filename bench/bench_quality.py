@@ -52,6 +52,10 @@ ABLATIONS = {
     "hope-no-selfgen": ("values from a projection, not self-generated", ["--model.selfgen_values=false"]),
     "hope-grad-vhat": ("outer gradients through the self-generated values", ["--model.stopgrad_vhat=false"]),
     "hope-momentum": ("momentum in the memory update (as Titans)", ["--model.momentum=true"]),
+    "hope-w1std": ("memories' initial W1 std 1/sqrt(d_m) = 0.18 instead of 0.02, so M_k(a) and M_v(a) differ "
+                   "from the start", ["--model.memory_w1_std=0.177"]),
+    "hope-alpha0.999": ("initial retention 0.999 instead of 0.99 (horizon ~1000 tokens, not ~100)",
+                        ["--model.alpha_init=0.999"]),
 }
 BEGIN, END = "<!-- results:begin (bench/bench_quality.py writes this part) -->", "<!-- results:end -->"
 
@@ -162,6 +166,28 @@ def jobs_for(stage: str, results: dict[str, dict], args) -> list[dict]:
 COST = {"hope": 3, "titans": 2, "transformer": 1}  # relative CPU cost per token: costliest runs start first
 
 
+DATA_STEPS = [  # the default corpus (configs/quality/*_2m.yaml), built on first use as scripts/quickstart.sh does
+    ("data/stdlib/corpus.jsonl", ["data_prep.corpus", "--out", "data/stdlib/corpus.jsonl"]),
+    ("data/stdlib/tokenizer.json", ["data_prep.train_tokenizer", "--input", "data/stdlib/corpus.jsonl",
+                                    "--vocab-size", "4096", "--out", "data/stdlib/tokenizer.json"]),
+    ("data/quality/corpus.jsonl", ["data_prep.corpus", "--out", "data/quality/corpus.jsonl", "--max-mb", "150",
+                                   "--include-site-packages"]),
+    ("data/quality/quality.idx", ["data_prep.tokenize", "--input", "data/quality/corpus.jsonl", "--tokenizer",
+                                  "data/stdlib/tokenizer.json", "--output-prefix", "data/quality/quality",
+                                  "--workers", "2"]),
+]
+
+
+def ensure_data(args) -> None:
+    """Build the default quality corpus if a run needs it and it is missing (other data: build it yourself)."""
+    if load("hope", args.size, args.extra).data.paths != ["data/quality/quality"]:
+        return
+    for output, cmd in DATA_STEPS:
+        if not (ROOT / output).is_file():
+            print(f"building {output}: python -m {' '.join(cmd)}", flush=True)
+            subprocess.run([sys.executable, "-m", *cmd], cwd=ROOT, check=True)
+
+
 def run_stages(stages: list[str], args) -> None:
     """Run the jobs of `stages` in one pool (they must not depend on each other), costliest first."""
     path = args.run_root / "results.jsonl"
@@ -171,6 +197,7 @@ def run_stages(stages: list[str], args) -> None:
     print(f"{'+'.join(stages)}: {len(todo)} runs to do", flush=True)
     if not todo:
         return
+    ensure_data(args)
     args.run_root.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(args.jobs) as pool, open(path, "a") as f:
         for fut in as_completed([pool.submit(run_one, j, args) for j in todo]):

@@ -55,6 +55,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
     init_std: float = 0.02
+    memory_w1_std: float | None = None  # depth 2: std of the memories' initial W1; None: init_std (M starts ~identity)
+    alpha_init: float = 0.99  # initial retention per token (memory horizon ~ 1 / (1 - alpha) tokens)
     cms: list[CMSLevel] = field(default_factory=lambda: [CMSLevel(64, p) for p in (1, 4, 16, 64)])
 
     @property
@@ -203,6 +205,10 @@ def validate(cfg: JobConfig) -> None:
             f"pick n_heads from the divisors of d_model")
     if m.memory_depth not in (1, 2):
         raise ConfigError(f"model.memory_depth={m.memory_depth} must be 1 (linear) or 2 (residual MLP)")
+    if m.memory_w1_std is not None and not m.memory_w1_std > 0:
+        raise ConfigError(f"model.memory_w1_std={m.memory_w1_std} must be > 0 (or null for model.init_std)")
+    if not 0 < m.alpha_init < 1:
+        raise ConfigError(f"model.alpha_init={m.alpha_init} must be in (0, 1): the initial retention per token")
     if m.memory_hidden is not None:
         _positive("model.memory_hidden", m.memory_hidden)
     if m.proj_chunk % m.chunk:

@@ -11,8 +11,8 @@ Choices the spec leaves open (tested in tests/test_model.py):
 - titans: k and v pass the same causal conv + SiLU as q, then L2 norm; eta and alpha are
   sigmoid read-outs of x (eta scaled by eta_max).
 - Initial memories: W2 ~ N(0, 1/d_h) and W1 ~ N(0, init_std) (depth 2: M starts near the
-  identity); depth 1 starts at I + N(0, init_std). alpha starts near 0.99 (long retention),
-  eta near ETA_INIT = 0.1, and with momentum gamma near GAMMA_INIT = 0.9. The op's momentum is an
+  identity; `model.memory_w1_std` overrides W1's std); depth 1 starts at I + N(0, init_std). alpha
+  starts near `model.alpha_init` (0.99: a horizon of ~100 tokens), eta near ETA_INIT = 0.1, and with momentum gamma near GAMMA_INIT = 0.9. The op's momentum is an
   EMA of the inner gradients (S_t = gamma S_{t-1} + (1 - gamma) G_t, docs/memory_op.md "Momentum"),
   so its step is eta whatever gamma is: the heavy-ball form's eta / (1 - gamma) made the
   chunk-start gradient, repeated on repetitive text, overshoot and diverge (issue 18).
@@ -39,7 +39,7 @@ from kernels.hope_memory import hope_memory, l2norm
 from kernels.hope_memory.types import MemoryParams
 
 
-ETA_INIT, ALPHA_INIT, GAMMA_INIT = 0.1, 0.99, 0.9
+ETA_INIT, GAMMA_INIT = 0.1, 0.9
 
 
 def _logit(p: float) -> float:
@@ -91,7 +91,7 @@ class MemoryMixer(nn.Module):
         self.out_norm.init_weights()
         dh = self.head_dim
         if self.mem_w1 is not None:
-            nn.init.normal_(self.mem_w1, std=self.init_std)
+            nn.init.normal_(self.mem_w1, std=self.cfg.memory_w1_std or self.init_std)
             nn.init.normal_(self.mem_w2, std=dh ** -0.5)
         else:
             nn.init.normal_(self.mem_w2, std=self.init_std)
@@ -100,9 +100,9 @@ class MemoryMixer(nn.Module):
             nn.init.normal_(self.eta_w, std=self.init_std)
             nn.init.normal_(self.alpha_w, std=self.init_std)
             nn.init.constant_(self.eta_b, _logit(ETA_INIT))
-            nn.init.constant_(self.alpha_b, _logit(ALPHA_INIT))
+            nn.init.constant_(self.alpha_b, _logit(self.cfg.alpha_init))
         else:
-            for name, p0 in (("eta", ETA_INIT), ("alpha", ALPHA_INIT)):
+            for name, p0 in (("eta", ETA_INIT), ("alpha", self.cfg.alpha_init)):
                 nn.init.normal_(self.rates[name].weight, std=self.init_std)
                 nn.init.constant_(self.rates[name].bias, _logit(p0))
         if self.gamma is not None:
