@@ -54,6 +54,7 @@ ABLATIONS = {
     "hope-momentum": ("momentum in the memory update (as Titans)", ["--model.momentum=true"]),
     "hope-w1std": ("memories' initial W1 std 1/sqrt(d_m) = 0.18 instead of 0.02, so M_k(a) and M_v(a) differ "
                    "from the start", ["--model.memory_w1_std=0.177"]),
+    "hope-w1std0.5": ("memories' initial W1 std 0.5: M_k(a) and M_v(a) far apart", ["--model.memory_w1_std=0.5"]),
     "hope-alpha0.999": ("initial retention 0.999 instead of 0.99 (horizon ~1000 tokens, not ~100)",
                         ["--model.alpha_init=0.999"]),
 }
@@ -112,7 +113,8 @@ def run_one(job: dict, args) -> dict:
            "steps": steps, "tokens": steps * tokens_per_step, "finished": code == 0 and (run_dir / "COMPLETE").is_file(),
            "train_wall_s": round(wall_s, 1), "train_cpu_s": round(cpu_s, 1),
            "val_curve": [[r["step"] * tokens_per_step, r["val_loss"]] for r in rows if "val_loss" in r],
-           "train_loss_last20": statistics.fmean([r["loss"] for r in rows[-20:]]) if rows else None}
+           "train_loss_last20": statistics.fmean([r["loss"] for r in rows[-20:] if "loss" in r]) if rows else None,
+           "memory": memory_stats(rows)}
     if not rec["finished"]:
         rec["error"] = (run_dir / "train.log").read_text().strip().splitlines()[-1:] or [f"exit {code}"]
     elif job["kind"] != "sweep":
@@ -128,6 +130,19 @@ def run_one(job: dict, args) -> dict:
             rec["error"] = (run_dir / "eval.log").read_text().strip().splitlines()[-1:]
     print(json.dumps({k: v for k, v in rec.items() if k not in ("val_curve", "eval")}), flush=True)
     return rec
+
+
+def memory_stats(rows: list[dict]) -> dict[str, float] | None:
+    """The last memory-health probe (model/memory_health.py), each statistic averaged over layers:
+    how much the fast weights actually learn in context (None for attention)."""
+    last = next((r for r in reversed(rows) if "mem/fw_norm_max" in r), None)
+    if last is None:
+        return None
+    out = {}
+    for stat in ("inner_loss", "fw_norm_max", "alpha_mean", "eta_mean"):
+        vals = [v for k, v in last.items() if k.startswith("mem/L") and k.endswith(f"/{stat}")]
+        out[stat] = statistics.fmean(vals) if vals else math.nan
+    return out
 
 
 def read_results(path: Path) -> dict[str, dict]:
@@ -244,14 +259,16 @@ def summarize(runs: list[dict], seq: int) -> dict:
         "pk_in": col(lambda e: _passkey(e, False, seq)), "pk_out": col(lambda e: _passkey(e, True, seq)),
         "mq_in": col(lambda e: _mqar(e, False)), "mq_out": col(lambda e: _mqar(e, True)),
         "wall": [r["train_wall_s"] for r in runs], "cpu": [r["train_cpu_s"] for r in runs],
+        "inner": [r["memory"]["inner_loss"] for r in runs if r.get("memory")],
+        "fw": [r["memory"]["fw_norm_max"] for r in runs if r.get("memory")],
     }
 
 
 def main_table(results: dict[str, dict], args, params: dict[str, int], seq: int) -> tuple[str, dict]:
     lines = ["| model | params | lr | seeds | held-out ppl | held-out loss | loss past context, carried | "
-             "loss past context, reset | passkey ≤ ctx | passkey > ctx | MQAR ≤ ctx | MQAR > ctx | tokens | "
-             "train wall min | train CPU min |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "loss past context, reset | passkey ≤ ctx | passkey > ctx | MQAR ≤ ctx | MQAR > ctx | memory inner loss | "
+             "fast-weight norm | tokens | train wall min | train CPU min |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     sums = {}
     for m in args.models:
         runs = sorted((r for r in results.values() if r["kind"] == "main" and r["model"] == m and r["finished"]),
@@ -263,7 +280,8 @@ def main_table(results: dict[str, dict], args, params: dict[str, int], seq: int)
             f"| {LABELS[m]} | {params[m]:,} | {runs[0]['lr']:g} | {len(runs)} | {_mean_spread(s['ppl'], '.2f')} | "
             f"{_mean_spread(s['loss'], '.4f')} | {_mean_spread(s['carry'], '.4f')} | {_mean_spread(s['reset'], '.4f')} | "
             f"{_mean_spread(s['pk_in'], '.2f')} | {_mean_spread(s['pk_out'], '.2f')} | {_mean_spread(s['mq_in'], '.3f')} | "
-            f"{_mean_spread(s['mq_out'], '.3f')} | {runs[0]['tokens'] / 1e6:.2f}M | "
+            f"{_mean_spread(s['mq_out'], '.3f')} | {_mean_spread(s['inner'], '.3g')} | {_mean_spread(s['fw'], '.3g')} | "
+            f"{runs[0]['tokens'] / 1e6:.2f}M | "
             f"{_mean_spread([w / 60 for w in s['wall']], '.1f')} | {_mean_spread([c / 60 for c in s['cpu']], '.1f')} |")
     return "\n".join(lines), sums
 
@@ -310,13 +328,15 @@ def ablation_table(results: dict[str, dict], seq: int) -> str:
     base = summarize([runs[0]], seq)["ppl"] if runs[0]["ablation"] == "hope-default" else []
     lines = [f"{runs[0]['tokens'] / 1e6:.2f}M tokens each.", "",
              "| variant | what it changes | held-out ppl | vs hope-default | loss past context, carried | "
-             "passkey > ctx | MQAR ≤ ctx | train CPU min |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "loss past context, reset | memory inner loss | fast-weight norm | passkey > ctx | train CPU min |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in runs:
         s = summarize([r], seq)
         rel = f"{(s['ppl'][0] / base[0] - 1) * 100:+.1f}%" if s["ppl"] and base else "-"
         lines.append(f"| {r['ablation']} | {ABLATIONS[r['ablation']][0]} | {_mean_spread(s['ppl'], '.2f')} | {rel} | "
-                     f"{_mean_spread(s['carry'], '.4f')} | {_mean_spread(s['pk_out'], '.2f')} | "
-                     f"{_mean_spread(s['mq_in'], '.3f')} | {r['train_cpu_s'] / 60:.1f} |")
+                     f"{_mean_spread(s['carry'], '.4f')} | {_mean_spread(s['reset'], '.4f')} | "
+                     f"{_mean_spread(s['inner'], '.3g')} | {_mean_spread(s['fw'], '.3g')} | "
+                     f"{_mean_spread(s['pk_out'], '.2f')} | {r['train_cpu_s'] / 60:.1f} |")
     return "\n".join(lines)
 
 
