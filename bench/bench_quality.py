@@ -353,6 +353,12 @@ def plots(results: dict[str, dict], args, out_dir: Path) -> list[str]:
         xs, ys = zip(*r["val_curve"]) if r["val_curve"] else ((), ())
         ax.plot([x / 1e6 for x in xs], ys, color=COLORS[r["model"]], alpha=0.8,
                 label=LABELS[r["model"]] if r["seed"] == min(q["seed"] for q in main if q["model"] == r["model"]) else None)
+    for r in (r for r in results.values() if r["kind"] == "main" and not r["finished"]):
+        pts = [(x / 1e6, y) for x, y in r["val_curve"] if y == y]  # a diverged run: dotted, up to its last finite loss
+        if pts:
+            ax.plot(*zip(*pts), ":", color=COLORS[r["model"]], alpha=0.8,
+                    label=f"{LABELS[r['model']]} s{r['seed']} lr {r['lr']:g} (diverged)")
+            ax.plot(*pts[-1], "x", color=COLORS[r["model"]])
     ax.set(xlabel="training tokens (M)", ylabel="held-out loss (nats/token)", title="Validation loss vs tokens")
     ax.grid(alpha=0.3)
     ax.legend()
