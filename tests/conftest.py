@@ -41,6 +41,22 @@ def random_dataset(tmp_path_factory) -> tuple[Path, int, int]:
     return write_indexed_dataset(prefix, docs), vocab, eod
 
 
+@pytest.fixture(scope="session")
+def bpe_tokenizer(tmp_path_factory) -> Path:
+    """A small byte-level BPE tokenizer.json (ids < 96, <|endoftext|> = 0) trained here."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=96, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=list("abcdefghijklmnopqrstuvwxyz .,"))
+    tok.train_from_iterator(["the cat sat on the mat, the dog sat on the log."] * 20, trainer)
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
 def tiny_overrides(prefix: Path, vocab: int, eod: int, run_dir: Path, **extra) -> list[str]:
     """Command-line overrides for a tiny CPU job on `prefix`."""
     base = {

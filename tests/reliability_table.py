@@ -42,6 +42,18 @@ class Table:
             lines.append(f"| {c} | {case} | `{cmd}` | {cell} | {'yes' if ok else '**no**'} |")
         return "\n".join(lines)
 
+    def fixture(self, repo: Path):
+        """A module-scoped autouse fixture: temporary and repository paths shown as TMP / REPO,
+        the table written when the module's tests are done."""
+        import pytest
+
+        @pytest.fixture(scope="module", autouse=True)
+        def table(tmp_path_factory):
+            self.placeholders.update({str(tmp_path_factory.getbasetemp()): "TMP", str(repo): "REPO"})
+            yield self
+            self.write()
+        return table
+
     def write(self) -> None:
         target = os.environ.get(ENV)
         if not target or not self.rows:

@@ -44,11 +44,7 @@ MAINS = {"pretrain.py": pretrain.main, "tools.convert": convert.main, "data_prep
 LABEL = re.compile(r"[a-z]+ error: ")  # hope_dist.errors.describe: "config error: ...", "data error: ..."
 
 
-@pytest.fixture(scope="module", autouse=True)
-def table(tmp_path_factory):
-    TABLE.placeholders.update({str(tmp_path_factory.getbasetemp()): "TMP", str(REPO): "REPO"})
-    yield TABLE
-    TABLE.write()
+table = TABLE.fixture(REPO)
 
 
 # ------------------------------------------------------------------ shared artefacts
@@ -60,22 +56,6 @@ def trained(random_dataset, tmp_path_factory):
     export = run_dir / "export"
     assert convert.main(["export-hf", str(run_dir / "checkpoints" / "step-2"), str(export)]) == 0
     return run_dir / "checkpoints" / "step-2", export
-
-
-@pytest.fixture(scope="module")
-def real_tokenizer(tmp_path_factory) -> Path:
-    """A byte-level BPE tokenizer.json with 96 ids, <|endoftext|> = 0 (the dataset's vocabulary)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=96, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=list("abcdefghijklmnopqrstuvwxyz .,"))
-    tok.train_from_iterator(["the cat sat on the mat, the dog sat on the log."] * 20, trainer)
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tok.save(str(path))
-    return path
 
 
 def vocab_json(path: Path, size: int, eod: bool = True) -> Path:
@@ -480,10 +460,10 @@ def trusted_leftovers(tmp: Path, untrusted: str | None) -> list[str]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.category}-{c.name}" for c in CASES])
-def test_bad_input_gives_one_clear_error(case, tmp_path, random_dataset, trained, real_tokenizer, capfd, monkeypatch):
+def test_bad_input_gives_one_clear_error(case, tmp_path, random_dataset, trained, bpe_tokenizer, capfd, monkeypatch):
     monkeypatch.chdir(REPO)
     monkeypatch.delenv("HOPE_DEBUG", raising=False)
-    env = Env(tmp_path, random_dataset, trained, real_tokenizer)
+    env = Env(tmp_path, random_dataset, trained, bpe_tokenizer)
     argv = [str(a) for a in case.make(env)]
     capfd.readouterr()
     before = committed_steps(tmp_path / "run" / "checkpoints")
@@ -574,8 +554,14 @@ def _check_override(key: str, argv: list[str], examples: list) -> None:
         assert key.rsplit(".", 1)[-1] in str(e), (argv, str(e))
 
 
-def _property_row(name: str, what: str, examples: list, ok: bool) -> None:
-    TABLE.add("config (property)", name, "parse_args", f"{len(examples)} generated examples: {what}", ok)
+def _run_property(prop, name: str, what: str, examples: list) -> None:
+    """Run a hypothesis property and count it in the table, failed or not."""
+    ok = False
+    try:
+        prop()
+        ok = True
+    finally:
+        TABLE.add("config (property)", name, "parse_args", f"{len(examples)} generated examples: {what}", ok)
 
 
 def test_any_override_parses_or_names_its_key(monkeypatch):
@@ -590,12 +576,7 @@ def test_any_override_parses_or_names_its_key(monkeypatch):
     def prop(key, value):
         _check_override(key, [f"--{key}={value}"], examples)
 
-    ok = False
-    try:
-        prop()
-        ok = True
-    finally:
-        _property_row("any value for any key", "parsed, or a ConfigError naming the key", examples, ok)
+    _run_property(prop, "any value for any key", "parsed, or a ConfigError naming the key", examples)
 
 
 def test_unknown_or_malformed_keys_are_named(monkeypatch):
@@ -616,12 +597,7 @@ def test_unknown_or_malformed_keys_are_named(monkeypatch):
             named = f"--{key}=" in str(e) or any(repr(p) in str(e) or (p and p in str(e)) for p in prefixes)
             assert named, (key, str(e))
 
-    ok = False
-    try:
-        prop()
-        ok = True
-    finally:
-        _property_row("unknown or malformed keys", "parsed, or a ConfigError naming the key", examples, ok)
+    _run_property(prop, "unknown or malformed keys", "parsed, or a ConfigError naming the key", examples)
 
 
 def test_any_yaml_config_file_loads_or_names_the_file(tmp_path):
@@ -644,13 +620,8 @@ def test_any_yaml_config_file_loads_or_names_the_file(tmp_path):
         except ConfigError as e:
             assert "job.yaml" in str(e) or any(k.split(".")[-1] in str(e) for k in KEYS), (doc, str(e))
 
-    ok = False
-    try:
-        prop()
-        ok = True
-    finally:
-        _property_row("any YAML document as the config file", "parsed, or a ConfigError naming the file or key",
-                      examples, ok)
+    _run_property(prop, "any YAML document as the config file", "parsed, or a ConfigError naming the file or key",
+                  examples)
 
 
 # ------------------------------------------------------------------ how the error reaches the user

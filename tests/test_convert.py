@@ -32,22 +32,6 @@ def trained(random_dataset, tmp_path_factory):
     return trainer, run_dir, run_dir / "checkpoints" / "step-3"
 
 
-@pytest.fixture(scope="module")
-def tokenizer_file(tmp_path_factory) -> Path:
-    """A small byte-level BPE tokenizer.json (ids < 96, <|endoftext|> = 0) trained here."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=96, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=list("abcdefghijklmnopqrstuvwxyz .,"))
-    tok.train_from_iterator(["the cat sat on the mat, the dog sat on the log."] * 20, trainer)
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tok.save(str(path))
-    return path
-
-
 def test_consolidate_fp32_and_bf16(trained, tmp_path):
     from safetensors.torch import load_file
 
@@ -63,10 +47,10 @@ def test_consolidate_fp32_and_bf16(trained, tmp_path):
 
 
 @pytest.mark.parametrize("shard", [None, "40KB"])
-def test_export_then_from_pretrained_gives_training_logits(trained, tmp_path, tokenizer_file, shard):
+def test_export_then_from_pretrained_gives_training_logits(trained, tmp_path, bpe_tokenizer, shard):
     trainer, _, _ = trained
     out = tmp_path / "hf"
-    args = ["export-hf", str(trainer.ckpt.path(6)), str(out), "--tokenizer", str(tokenizer_file)]
+    args = ["export-hf", str(trainer.ckpt.path(6)), str(out), "--tokenizer", str(bpe_tokenizer)]
     assert convert.main(args + (["--max-shard-size", shard] if shard else [])) == 0
     files = sorted(p.name for p in out.iterdir())
     assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= set(files)
@@ -113,10 +97,10 @@ def test_session_carries_state_across_calls(random_dataset, tmp_path, mixer):
     assert generated == seq[10:]
 
 
-def test_text_scoring_and_sampling(trained, tmp_path, tokenizer_file):
+def test_text_scoring_and_sampling(trained, tmp_path, bpe_tokenizer):
     trainer, _, _ = trained
     out = tmp_path / "hf"
-    convert.main(["export-hf", str(trainer.ckpt.path(6)), str(out), "--tokenizer", str(tokenizer_file)])
+    convert.main(["export-hf", str(trainer.ckpt.path(6)), str(out), "--tokenizer", str(bpe_tokenizer)])
     lm = hope_dist.from_pretrained(out)
     text = "the cat sat on the mat"
     score = lm.score(text)

@@ -27,11 +27,7 @@ IN_JOB = {"SLURM_JOB_ID": "123", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST
           "HOPE_NPROC_PER_NODE": "2"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def table(tmp_path_factory):
-    TABLE.placeholders.update({str(tmp_path_factory.getbasetemp()): "TMP", str(REPO): "REPO"})
-    yield TABLE
-    TABLE.write()
+table = TABLE.fixture(REPO)
 
 
 @pytest.fixture(scope="module")
