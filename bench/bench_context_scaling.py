@@ -225,7 +225,8 @@ def markdown(rows: list[dict]) -> str:
     if "transformer" in models:
         for m in [m for m in timed_models if m != "transformer"]:
             ratio = [by[(m, c)]["tokens_per_cpu_s"] / by[("transformer", c)]["tokens_per_cpu_s"] for c in contexts]
-            lines.append(f"| **{LABELS[m]} / Transformer++ (CPU-s)** | | " + " | ".join(f"**{x:.2f}**" for x in ratio) + " |")
+            cells = " | ".join(f"**{x:.2f}**" for x in ratio)
+            lines.append(f"| **{LABELS[m]} / Transformer++ (CPU-s)** | | " + cells + " |")
     return "\n".join(lines)
 
 

@@ -11,7 +11,7 @@ end-to-end training tokens/s of a small HOPE model with each kernel. Prints a ma
     python bench/bench_memory_triton.py --shapes 1x1024x4x64 --skip-e2e
     python bench/bench_memory_triton.py --smoke              # CPU, Triton interpreter, tiny: checks the script
     python bench/bench_memory_triton.py --paper              # no GPU: the per-chunk FLOP/byte model and H100 roofline
-    python bench/bench_memory_triton.py --e2e-760m           # also configs/hope_760m.yaml vs an equal-size Transformer++
+    python bench/bench_memory_triton.py --e2e-760m    # also configs/hope_760m.yaml vs an equal-size Transformer++
 
 Without CUDA (and without --smoke) it prints why and exits 0.
 """
@@ -231,7 +231,7 @@ def e2e_760m(reps, device, micro_batch=2):
 
         def step():
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = model(tokens)
+                logits = model(tokens)  # noqa: F821 (bound in this iteration; `del model` below frees it)
             torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens.flatten()).backward()
         out[name] = {"params": size(cfg), "tokens_per_s": micro_batch * T / timed(step, reps)}
         del model

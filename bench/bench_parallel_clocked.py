@@ -104,7 +104,8 @@ def main() -> None:
     for name, r in (("clocked 1/4/16/64", clocked), ("all periods 1", flat), ("1 rank, no comm", compute)):
         print(f"| {name} | {r['step_s']:.3f} | {r['mean_step_s']:.3f} | {r['bytes_per_step'] / 1e6:.2f} |")
     measured = flat["mean_step_s"] / clocked["mean_step_s"]
-    comm_ratio = (flat["mean_step_s"] - compute["mean_step_s"]) / max(1e-9, clocked["mean_step_s"] - compute["mean_step_s"])
+    comm_ratio = ((flat["mean_step_s"] - compute["mean_step_s"])
+                  / max(1e-9, clocked["mean_step_s"] - compute["mean_step_s"]))
     print(f"step-time ratio (all-1 / clocked, means): {measured:.2f}; ideal communication-bound ratio "
           f"(bytes): {ideal:.2f}; communication-time ratio (step minus 1-rank compute): {comm_ratio:.2f}")
 

@@ -2,9 +2,11 @@
 
     python bench/bench_parallel_layouts.py --size tiny --steps 6
     python bench/bench_parallel_layouts.py --size 50m --steps 4 --layouts 1,1,1 2,1,1 1,2,1 1,1,2
+    python bench/bench_parallel_layouts.py --engines native zero1 zero2 --layouts 1,1,1 2,1,1
 
-Each layout is one `torchrun --standalone` launch of this file (dp is FSDP2 dp_shard) on a
-random-token indexed dataset; every rank times `--steps` optimizer steps after one warm-up step
+Each (engine, layout) is one `torchrun --standalone` launch of this file (native: dp is FSDP2
+dp_shard; zero1/zero2: parallel.engine=deepspeed at that ZeRO stage over dp ranks, dp-only layouts)
+on a random-token indexed dataset; every rank times `--steps` optimizer steps after one warm-up step
 and reports its peak memory (CUDA: max allocated; CPU: peak RSS of the process). Prints one
 Markdown row per layout: median step time, tokens/s and the largest rank's peak memory.
 """
@@ -38,7 +40,10 @@ SIZES = {  # model + batch overrides; 50m: d 512, 8 layers, 4 CMS levels of widt
 def write_dataset(prefix: Path, vocab: int, n_tokens: int = 400_000) -> None:
     import numpy as np
     import torch
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from data_prep.megatron_format import megatron_indexed_dataset
+
+    IndexedDatasetBuilder = megatron_indexed_dataset().IndexedDatasetBuilder
 
     rng = np.random.default_rng(0)
     builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.uint16)
@@ -62,17 +67,23 @@ def worker(args: list[str], steps: int, out: str) -> None:
         peak = torch.cuda.max_memory_allocated(trainer.device)
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    Path(out, f"rank{trainer.rank}.json").write_text(json.dumps({"step_s": statistics.median(times), "peak_bytes": peak}))
+    result = {"step_s": statistics.median(times), "peak_bytes": peak}
+    Path(out, f"rank{trainer.rank}.json").write_text(json.dumps(result))
 
 
-def run_layout(size: str, dp: int, tp: int, pp: int, steps: int, data: Path, vocab: int) -> dict:
+ENGINES = {"native": {}, "zero1": {"parallel.engine": "deepspeed", "parallel.zero_stage": 1},
+           "zero2": {"parallel.engine": "deepspeed", "parallel.zero_stage": 2}}
+
+
+def run_layout(size: str, dp: int, tp: int, pp: int, steps: int, data: Path, vocab: int,
+               engine: str = "native") -> dict:
     world = dp * tp * pp
     with tempfile.TemporaryDirectory() as out:
         overrides = {"run_dir": Path(out) / "run", "data.paths": f"[{data}]", "data.eod_id": 0,
                      "metrics.wandb": False, "metrics.progress": False, "checkpoint.interval": 0,
                      "training.global_batch": 4, "training.micro_batch": 2 if dp * 2 <= 4 else 1,
                      "parallel.dp_shard": dp, "parallel.tp": tp, "parallel.pp": pp,
-                     "parallel.microbatches": 2 if pp > 1 else 1, **SIZES[size]}
+                     "parallel.microbatches": 2 if pp > 1 else 1, **SIZES[size], **ENGINES[engine]}
         if pp > 1:
             overrides["training.micro_batch"] = 2
         job = [f"--{k}={v}" for k, v in overrides.items()]
@@ -81,10 +92,11 @@ def run_layout(size: str, dp: int, tp: int, pp: int, steps: int, data: Path, voc
         env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if proc.returncode:
-            raise RuntimeError(f"layout dp={dp} tp={tp} pp={pp} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            raise RuntimeError(f"{engine} layout dp={dp} tp={tp} pp={pp} failed:\n"
+                               f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
     step = max(r["step_s"] for r in ranks)
-    return {"size": size, "dp": dp, "tp": tp, "pp": pp, "step_s": step,
+    return {"size": size, "engine": engine, "dp": dp, "tp": tp, "pp": pp, "step_s": step,
             "tokens_per_s": 4 * int(SIZES[size]["training.seq_len"]) / step,
             "peak_mib_per_rank": max(r["peak_bytes"] for r in ranks) / 2**20}
 
@@ -95,6 +107,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--layouts", nargs="*", default=["1,1,1", "2,1,1", "1,2,1", "1,1,2", "2,2,1", "2,1,2", "1,2,2"],
                     help="dp,tp,pp triples")
+    ap.add_argument("--engines", nargs="*", choices=list(ENGINES), default=["native"],
+                    help="zero1/zero2 run only the dp-only layouts (parallel.engine=deepspeed refuses tp/pp)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("rest", nargs="*")
     a = ap.parse_args()
@@ -105,13 +119,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "tokens"
         write_dataset(data, vocab)
-        print("| config | dp | tp | pp | step (s) | tokens/s | peak memory / rank (MiB) |")
-        print("|---|---|---|---|---|---|---|")
+        print("| config | engine | dp | tp | pp | step (s) | tokens/s | peak memory / rank (MiB) |")
+        print("|---|---|---|---|---|---|---|---|")
         for layout in a.layouts:
             dp, tp, pp = (int(x) for x in layout.split(","))
-            r = run_layout(a.size, dp, tp, pp, a.steps, data, vocab)
-            print(f"| {a.size} | {dp} | {tp} | {pp} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
-                  f"{r['peak_mib_per_rank']:.0f} |", flush=True)
+            for engine in a.engines:
+                if engine != "native" and tp * pp > 1:
+                    continue
+                r = run_layout(a.size, dp, tp, pp, a.steps, data, vocab, engine)
+                print(f"| {a.size} | {engine} | {dp} | {tp} | {pp} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
+                      f"{r['peak_mib_per_rank']:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,14 @@ ABLATIONS = {
     "hope-w1std0.5": ("memories' initial W1 std 0.5: M_k(a) and M_v(a) far apart", ["--model.memory_w1_std=0.5"]),
     "hope-alpha0.999": ("initial retention 0.999 instead of 0.99 (horizon ~1000 tokens, not ~100)",
                         ["--model.alpha_init=0.999"]),
+    "hope-icms": ("in-context CMS (docs/cms_in_context.md): levels 0 and 1 (periods 1, 4) also learn in context "
+                  "every 32 and 128 tokens", ["--model.cms_in_context=true",
+                                               "--model.cms=[{width: 128, period: 1, chunk: 32}, {width: 128, period: 4, "
+                                               "chunk: 128}, {width: 128, period: 16}, {width: 128, period: 64}]"]),
+    "hope-m3": ("optimizer M3 (Nested Learning Alg. 1, docs/optim.md) instead of AdamW, at AdamW's lr",
+                ["--optim.name=m3"]),
+    "hope-m3-lr1e-2": ("optimizer M3 at lr 1e-2 (Newton-Schulz updates take larger rates than AdamW's)",
+                       ["--optim.name=m3", "--optim.lr=0.01"]),
 }
 BEGIN, END = "<!-- results:begin (bench/bench_quality.py writes this part) -->", "<!-- results:end -->"
 

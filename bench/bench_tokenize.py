@@ -46,7 +46,11 @@ def _encode_line(line: bytes):
 def megatron_style(corpus: str, tokenizer: str, prefix: str, workers: int) -> None:
     """preprocess_data.py's shape: Pool.imap over lines, one document per call, builder writes."""
     import torch
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    from data_prep.megatron_format import megatron_indexed_dataset
+
+    megatron = megatron_indexed_dataset()
+    DType, IndexedDatasetBuilder = megatron.DType, megatron.IndexedDatasetBuilder
 
     _init(tokenizer)
     eod = _tok.token_to_id("<|endoftext|>")
@@ -126,9 +130,9 @@ def main() -> int:
     for name, r in ceiling.items():
         print(f"  {name:18s} {r['MB/s']:6.2f} MB/s  {r['tokens/s']:>12,.0f} tokens/s")
 
-    import megatron.core.datasets.indexed_dataset  # noqa: F401  (import time is not throughput)
+    from data_prep.megatron_format import megatron_indexed_dataset, read_index
 
-    from data_prep.megatron_format import read_index
+    megatron_indexed_dataset()  # import time is not throughput
 
     store = os.path.join(w, "results.json")
     results = json.load(open(store)) if os.path.exists(store) else {}

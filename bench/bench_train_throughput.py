@@ -1,15 +1,19 @@
 """Training tokens/s of several configs in one run, on the same data and machine.
 
     python bench/bench_train_throughput.py configs/tiny.yaml configs/tiny_transformer.yaml --steps 30
+    python bench/bench_train_throughput.py configs/quality/hope_2m.yaml --also "--model.cms_in_context=true ..."
 
 Each config trains `--steps` optimizer steps through the real Trainer (data pipeline, clocks,
 optimizer) with checkpoints and metrics files off; the first `--warmup` steps are dropped and the
-median step time of the rest gives tokens/s. Also reports tokens per CPU-second of this process
+median step time of the rest gives tokens/s. `--also OVERRIDES` measures every config a second time
+with those overrides (one shell-quoted string), e.g. an option on and off. Also reports tokens per
+CPU-second of this process
 (which other jobs on a shared machine barely move) and parameter counts, so budgets compare.
 """
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import sys
 import tempfile
@@ -25,7 +29,7 @@ from hope_dist.model import count_parameters  # noqa: E402
 from hope_dist.trainer import Trainer  # noqa: E402
 
 
-def measure(config: str, steps: int, warmup: int, overrides: list[str]) -> dict:
+def measure(config: str, steps: int, warmup: int, overrides: list[str], label: str) -> dict:
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = load_config(config, [f"--run_dir={run_dir}", f"--training.steps={steps}",
                                    "--metrics.wandb=false", "--checkpoint.interval=0", *overrides])
@@ -39,7 +43,7 @@ def measure(config: str, steps: int, warmup: int, overrides: list[str]) -> dict:
             losses.append(m["loss"])
         step_time = statistics.median(times[warmup:])
         tokens = cfg.training.global_batch * cfg.training.seq_len
-        return {"config": config, "params": count_parameters(trainer.model)["total"],
+        return {"config": label, "params": count_parameters(trainer.model)["total"],
                 "step_s": step_time, "tokens_per_s": tokens / step_time,
                 "tokens_per_cpu_s": tokens / statistics.median(cpu[warmup:]), "last_loss": losses[-1]}
 
@@ -50,9 +54,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--also", default=None, help="overrides for a second measurement of every config")
     args, overrides = parser.parse_known_args()
     torch.set_num_threads(args.threads)
-    rows = [measure(c, args.steps, args.warmup, overrides) for c in args.configs]
+    runs = [(c, overrides, c) for c in args.configs]
+    if args.also:
+        runs += [(c, overrides + shlex.split(args.also), f"{c} {args.also}") for c in args.configs]
+    rows = [measure(c, args.steps, args.warmup, o, label) for c, o, label in runs]
     print("| config | params | step (s) | tokens/s | tokens per CPU-s | ratio (CPU-s) | loss at end |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -222,7 +222,8 @@ def fire(run: Run, fault: dict, args) -> dict:
     record["last_logged"] = rows[back - 1] if back is not None else resumed - 1
     if run.launches > launches_before:
         at = (run.dir / "PREEMPTED").read_text().split()[1]
-        record["ended"] = f"clean stop at step {at} (saved, PREEMPTED, exit 0); driver relaunched torchrun ({run.save_mode} saves)"
+        record["ended"] = (f"clean stop at step {at} (saved, PREEMPTED, exit 0); "
+                           f"driver relaunched torchrun ({run.save_mode} saves)")
     elif kind == "stall":
         timeout = "Timed out" in run.log_text[log_mark:]
         record["ended"] = (f"peers failed {failed_after:.1f} s later{' (collective timeout)' if timeout else ''}; "
@@ -287,7 +288,8 @@ def summarize(args, records, chaos: Run, ref: Run, elapsed: float) -> tuple[str,
     kinds = ", ".join(f"{k} {n}" for k, n in summary["by_kind"].items())
     lines = [
         f"Command: `python bench/chaos.py --layout {args.layout} --seed {args.seed} --faults {args.faults} "
-        f"--steps {args.steps} --doc docs/reliability.md` ({elapsed / 60:.1f} min on 2 busy CPU cores).", "",
+        f"--steps {args.steps} --timeout-s {args.timeout_s:g} --doc docs/reliability.md` "
+        f"({elapsed / 60:.1f} min on 2 busy CPU cores).", "",
         f"- faults: **{len(records)}** ({kinds}; save kills: "
         f"{', '.join(f'{m} {n}' for m, n in summary['save_kills'].items())})",
         f"- restarts: {restarts} by torchrun (`--max-restarts`), {chaos.launches - 1} relaunches by the driver "
@@ -322,7 +324,7 @@ def main() -> None:
     ap.add_argument("--faults", type=int, default=20)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--interval", type=int, default=5, help="checkpoint.interval")
-    ap.add_argument("--timeout-s", type=float, default=30.0, help="parallel.timeout_s (ends a stall)")
+    ap.add_argument("--timeout-s", type=float, default=60.0, help="parallel.timeout_s (ends a stall)")
     ap.add_argument("--delay-ms", type=int, default=300, help=f"{DELAY_ENV}: how long a save stays open")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "chaos")
     ap.add_argument("--doc", type=Path, help="markdown file with a chaos-LAYOUT block to rewrite")

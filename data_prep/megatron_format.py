@@ -8,6 +8,7 @@ One document is one sequence here, EOD included.
 
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,18 @@ CODE_OF_DTYPE = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
 
 class FormatError(DataError):
     """A .bin/.idx pair that is missing, truncated or corrupt."""
+
+
+def megatron_indexed_dataset():
+    """megatron-core's own ``indexed_dataset`` module, the independent reader/writer the tests and
+    benchmarks compare against (the ``megatron`` extra; hope_dist itself never imports it). Imported
+    without the warnings megatron-core gives on import, which nobody here can act on: that the
+    optional Apex / Transformer Engine kernels are not installed, and a deprecation of its own."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+        warnings.filterwarnings("ignore", message="The following imports from `dynamic_context.py`")
+        from megatron.core.datasets import indexed_dataset
+    return indexed_dataset
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

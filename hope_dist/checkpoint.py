@@ -17,10 +17,10 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import logging
 import os
 import re
 import shutil
-import sys
 import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,14 +31,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed._state_dict_utils import CompanionMismatch, _copy_state_dict, _create_cpu_state_dict
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.staging import AsyncStager
 
 from hope_dist.config import CheckpointConfig, ModelConfig
+from hope_dist.deadline import deadline
 from hope_dist.errors import UserError
+from hope_dist.torch_compat import CompanionMismatch, copy_state_dict, create_cpu_state_dict, skip_sync_after_stage
 
 MARKER = "COMMITTED"
 META = "meta.json"
@@ -52,7 +53,9 @@ STALL_ENV = "HOPE_DIST_CKPT_STALL_BEFORE_COMMIT"
 DELAY_ENV = "HOPE_DIST_CKPT_COMMIT_DELAY_MS"
 # Model config keys that choose an implementation, not the function: free to differ on resume.
 IMPL_KEYS = ("kernel",)
+DEEPSPEED_MODEL = "mp_rank_00_model_states.pt"  # DeepSpeed's module weights (whole under ZeRO 1/2), by rank 0
 _STEP = re.compile(r"^step-(\d+)$")
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -125,7 +128,8 @@ def verify(path: Path, checksums: bool = True, files: list[str] | None = None) -
     if not path.is_dir():
         return [f"{path}: no such checkpoint folder"]
     problems = []
-    for name in (MARKER, META, MANIFEST, ".metadata"):
+    deepspeed = (path / DEEPSPEED_MODEL).is_file()  # parallel.engine=deepspeed's own files: no DCP index
+    for name in (MARKER, META, MANIFEST) + (() if deepspeed else (".metadata",)):
         if not (path / name).is_file():
             problems.append(f"{path / name}: missing" + (" (the save did not finish)" if name == MARKER else ""))
     if problems:
@@ -146,7 +150,7 @@ def verify(path: Path, checksums: bool = True, files: list[str] | None = None) -
             problems.append(f"{f}: {f.stat().st_size} bytes, expected {want['bytes']} (truncated or replaced)")
         elif checksums and file_digest(f)["crc32"] != want["crc32"]:
             problems.append(f"{f}: crc32 mismatch (corrupt shard)")
-    if any(p.startswith(f"{path / '.metadata'}:") for p in problems):
+    if deepspeed or any(p.startswith(f"{path / '.metadata'}:") for p in problems):
         return problems
     try:
         storage = FileSystemReader(str(path)).read_metadata().storage_data
@@ -287,7 +291,7 @@ def _commit(path: Path, step: int, meta: dict[str, Any], digests: dict[str, dict
     (path / META).write_text(json.dumps(meta, indent=1, default=str))
     (path / MANIFEST).write_text(json.dumps(digests, indent=1, sort_keys=True))
     if os.environ.get(STALL_ENV) == str(step):
-        print(f"checkpoint: stalling before committing {path} ({STALL_ENV})", flush=True)
+        log.info("checkpoint: stalling before committing %s (%s)", path, STALL_ENV)
         time.sleep(3600)
     time.sleep(float(os.environ.get(DELAY_ENV, "0")) / 1000)
     tmp = path / (MARKER + ".tmp")
@@ -326,15 +330,15 @@ def _mib(n: int) -> str:
 
 
 # ------------------------------------------------------------------ the trainer's checkpointer
+@skip_sync_after_stage
 class ReusedBufferStager(AsyncStager):
     """Async staging into CPU buffers kept from one save to the next. DCP's default stager
     allocates fresh buffers for every save and page-faults them in, which on a CPU host costs
     about as long as writing the file; reused buffers cost one memory copy of the state (the
     first save allocates them; they hold one CPU copy of this rank's state for the whole run).
     Safe because at most one save is in flight: Checkpointer.save waits for the previous write
-    before it stages again. Uses torch's private state-dict copy helpers (DTensor-aware)."""
-
-    _synchronize_after_execute = False
+    before it stages again. Uses torch's private state-dict copy helpers (DTensor-aware), through
+    hope_dist/torch_compat.py."""
 
     def __init__(self) -> None:
         self._buffers: dict[str, Any] | None = None
@@ -342,11 +346,11 @@ class ReusedBufferStager(AsyncStager):
     def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         if self._buffers is not None:
             try:
-                return _copy_state_dict(state_dict, self._buffers, non_blocking=False)
+                return copy_state_dict(state_dict, self._buffers)
             except CompanionMismatch:  # the state's structure changed: allocate anew
                 pass
-        self._buffers = _create_cpu_state_dict(state_dict)
-        return _copy_state_dict(state_dict, self._buffers, non_blocking=False)
+        self._buffers = create_cpu_state_dict(state_dict)
+        return copy_state_dict(state_dict, self._buffers)
 
     def synchronize_staging(self) -> None:
         pass
@@ -369,8 +373,10 @@ class Checkpointer:
         # job's collective timeout (new_group's default is 30 minutes: a peer that died while this
         # group forms would otherwise hang the restarted job that long)
         timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
-        self._pg = dist.new_group(backend="gloo", timeout=timeout) if cfg.async_save and dist.is_initialized() \
-            else None
+        self._pg = None
+        if cfg.async_save and dist.is_initialized():
+            with deadline(2 * (timeout_s or 1800) + 30, "the async-save gloo group's construction"):
+                self._pg = dist.new_group(backend="gloo", timeout=timeout)
 
     def path(self, step: int) -> Path:
         return self.dir / f"step-{step}"
@@ -465,8 +471,7 @@ class Checkpointer:
         if self._skippable and self.cfg.on_save_error == "continue":
             self.last_step = None  # nothing saved: a stop at this step must save again (and may raise)
             if _rank() == 0:
-                print(f"checkpoint error (checkpoint.on_save_error=continue, training goes on): {full}",
-                      file=sys.stderr, flush=True)
+                log.warning("checkpoint error (checkpoint.on_save_error=continue, training goes on): %s", full)
             return True
         raise full from err
 
@@ -485,8 +490,7 @@ class Checkpointer:
             steps = committed_steps(self.dir)
             if _rank() == 0:
                 for child in remove_uncommitted(self.dir):
-                    print(f"checkpoint: removed {child} (no {MARKER} marker: a save that did not finish)",
-                          file=sys.stderr, flush=True)
+                    log.warning("checkpoint: removed %s (no %s marker: a save that did not finish)", child, MARKER)
             _barrier()
             return self.path(steps[-1]) if steps else None
         path = Path(mode)

@@ -1,4 +1,4 @@
-"""CMS clocks (HOPE_SPEC section 4): who steps at optimizer step s, and the window accumulators.
+"""CMS clocks (docs/model.md section 4): who steps at optimizer step s, and the window accumulators.
 
 Parameters are split into clock groups: `base` (everything that is not a CMS level with
 period > 1; period 1) and one group per CMS level index `cms.<l>` (level l of every layer

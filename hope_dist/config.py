@@ -6,6 +6,7 @@ job's config should fail in the first second, not after the first checkpoint int
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import types
 import typing
@@ -26,11 +27,12 @@ class ConfigError(UserError, ValueError):
 
 @dataclass
 class CMSLevel:
-    """One level of the Continuum Memory System (HOPE_SPEC section 4)."""
+    """One level of the Continuum Memory System (docs/model.md section 4)."""
 
     width: int = 64
     period: int = 1
     lr_scale: float = 1.0
+    chunk: int = 0  # tokens per in-context update of the down projection (model.cms_in_context); 0: not in context
 
 
 @dataclass
@@ -58,6 +60,9 @@ class ModelConfig:
     memory_w1_std: float | None = None  # depth 2: std of the memories' initial W1; None: init_std (M starts ~identity)
     alpha_init: float = 0.99  # initial retention per token (memory horizon ~ 1 / (1 - alpha) tokens)
     cms: list[CMSLevel] = field(default_factory=lambda: [CMSLevel(64, p) for p in (1, 4, 16, 64)])
+    cms_in_context: bool = False  # levels with cms[i].chunk > 0 learn in context (docs/cms_in_context.md)
+    cms_inner_lr: float = 0.1  # in-context step per chunk, normalised by the chunk's key norms; in (0, 1]
+    cms_stopgrad_writes: bool = False  # true: no outer gradient through the in-context writes
 
     @property
     def head_dim(self) -> int:
@@ -66,6 +71,18 @@ class ModelConfig:
     @property
     def use_momentum(self) -> bool:
         return self.mixer == "titans" if self.momentum is None else self.momentum
+
+    @property
+    def cms_chunks(self) -> list[int]:
+        """Each level's in-context chunk (0: not in context); all 0 unless cms_in_context."""
+        return [lvl.chunk if self.cms_in_context else 0 for lvl in self.cms]
+
+    @property
+    def state_span(self) -> int:
+        """Segments of a multiple of this many tokens carry the state exactly (two equal one long
+        forward): every chunk that counts from the start of a call divides it (proj_chunk, and the
+        in-context CMS chunks); proj_chunk when no CMS level learns in context."""
+        return math.lcm(self.proj_chunk, *(c for c in self.cms_chunks if c))
 
 
 @dataclass
@@ -124,6 +141,9 @@ class ParallelConfig:
     pp_schedule: str = "1f1b"  # 1f1b | gpipe | interleaved_1f1b
     activation_checkpoint: bool = False
     timeout_s: float = 600.0  # collective timeout: a hung rank fails the job after this long
+    engine: str = "native"  # native (FSDP2 / replication) | deepspeed (ZeRO, docs/parallel.md "Engines")
+    zero_stage: int = 1  # engine=deepspeed: ZeRO stage 1 or 2
+    ds_config: str | None = None  # engine=deepspeed: a JSON/YAML DeepSpeed config merged into the generated one
 
 
 @dataclass
@@ -192,6 +212,59 @@ def _validate_optim(o: OptimConfig) -> None:
                           "matrix's own steps (1 refreshes it every step)")
 
 
+def _validate_cms_in_context(m: ModelConfig, seq_len: int) -> None:
+    for i, level in enumerate(m.cms):
+        key = f"model.cms[{i}].chunk"
+        if level.chunk < 0:
+            raise ConfigError(f"{key}={level.chunk} must be >= 0 (0: the level does not learn in context)")
+        if level.chunk and not m.cms_in_context:
+            raise ConfigError(f"{key}={level.chunk} is set but model.cms_in_context=false: set "
+                              f"model.cms_in_context=true to use it, or {key}=0")
+        if level.chunk and seq_len % level.chunk:
+            raise ConfigError(f"{key}={level.chunk} does not divide training.seq_len={seq_len}: a level updates "
+                              f"every chunk tokens from the start of each row; pick a divisor of {seq_len}")
+    if m.cms_in_context and not any(level.chunk for level in m.cms):
+        raise ConfigError("model.cms_in_context=true but every model.cms[i].chunk is 0: give the levels that learn "
+                          "in context a token chunk, e.g. model.cms=[{width: 64, period: 1, chunk: 64}, ...]")
+    if not 0 < m.cms_inner_lr <= 1:
+        raise ConfigError(f"model.cms_inner_lr={m.cms_inner_lr} must be in (0, 1]: the normalised in-context step "
+                          "(above 1 a step can overshoot along the chunk's dominant key direction)")
+
+
+def _validate_engine(cfg: JobConfig) -> None:
+    """parallel.engine=deepspeed: the layouts and settings the DeepSpeed path keeps the clocks' guarantees in."""
+    p = cfg.parallel
+    _choice("parallel.engine", p.engine, ("native", "deepspeed"))
+    if p.engine == "native":
+        return
+    if p.zero_stage not in (1, 2):
+        raise ConfigError(
+            f"parallel.zero_stage={p.zero_stage} is not supported: use 1 or 2. Stage 3 partitions the parameters "
+            f"themselves and gathers them in hooks on the whole model, which this engine does not verify to keep the "
+            f"CMS clocks' guarantees; for sharded parameters use parallel.engine=native with parallel.dp_shard")
+    if p.tp > 1 or p.pp > 1:
+        raise ConfigError(
+            f"parallel.engine=deepspeed supports data parallelism only (parallel.tp=1, parallel.pp=1; dp = "
+            f"dp_replicate x dp_shard ranks, ZeRO stage 1 or 2), got tp={p.tp}, pp={p.pp}: DeepSpeed's ZeRO "
+            f"cannot flatten the tensor-parallel DTensor parameters nor reduce across torch pipeline stages. "
+            f"Use parallel.engine=native for tp/pp layouts")
+    if cfg.optim.name != "adamw":
+        raise ConfigError(f"optim.name={cfg.optim.name!r} needs parallel.engine=native: ZeRO flattens the "
+                          f"parameters into one vector per group, M3 orthogonalises whole matrices; "
+                          f"use optim.name=adamw")
+    if cfg.checkpoint.async_save:
+        raise ConfigError("checkpoint.async_save=true needs parallel.engine=native: DeepSpeed's save_checkpoint "
+                          "writes synchronously; set checkpoint.async_save=false")
+    if p.ds_config is not None and not Path(p.ds_config).is_file():
+        raise ConfigError(f"parallel.ds_config={p.ds_config!r} does not exist: give a DeepSpeed JSON/YAML config "
+                          f"file, or leave it unset for the generated one")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("parallel.engine=deepspeed needs DeepSpeed 0.19: pip install -e .[deepspeed]")
+    if p.ds_config is not None:  # its keys, before any process starts
+        from hope_dist.parallel.deepspeed_engine import deepspeed_config
+        deepspeed_config(cfg)
+
+
 def validate(cfg: JobConfig) -> None:
     """Check cross-field constraints; every message names the key and the fix."""
     m = cfg.model
@@ -222,6 +295,7 @@ def validate(cfg: JobConfig) -> None:
             raise ConfigError(f"model.cms[{i}].period={level.period} must be >= 1 (1 = every step)")
         if level.lr_scale <= 0:
             raise ConfigError(f"model.cms[{i}].lr_scale={level.lr_scale} must be > 0")
+    _validate_cms_in_context(m, cfg.training.seq_len)
     t = cfg.training
     for key in ("steps", "seq_len", "global_batch", "micro_batch"):
         _positive(f"training.{key}", getattr(t, key))
@@ -267,6 +341,7 @@ def validate(cfg: JobConfig) -> None:
             raise ConfigError(
                 f"pp_schedule=interleaved_1f1b puts 2 stages on each of parallel.pp={p.pp} ranks, so "
                 f"model.n_layers={m.n_layers} must be >= {2 * p.pp}; use pp_schedule=1f1b")
+    _validate_engine(cfg)
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr={cfg.optim.lr} must be > 0")
     _validate_optim(cfg.optim)

@@ -79,7 +79,8 @@ class HopeEvalLM(TemplateLM):
                                   f"id for empty contexts, rolling windows and stopping); pass eot_token=TOKEN")
         self.folder = folder
         self._device = torch.device(device)
-        self.max_length = int(max_length) if max_length is not None else default_max_length(folder, self.lm.config.mixer)
+        self.max_length = (int(max_length) if max_length is not None
+                           else default_max_length(folder, self.lm.config.mixer))
 
     # ------------------------------------------------------------------ TemplateLM hooks
     @property
@@ -102,7 +103,7 @@ class HopeEvalLM(TemplateLM):
                 f"lm-eval request {req.task_name}/doc {req.doc_id} (request #{req.idx}): the model would read {n} "
                 f"tokens ({what}) > max_length={self.max_length}. Raise it: --model_args "
                 f"pretrained={self.folder},max_length={n}" + (" (the model was trained at this length; beyond it "
-                f"attention positions are untrained)" if self.lm.config.mixer == "attention" else "")
+                "attention positions are untrained)" if self.lm.config.mixer == "attention" else "")
                 + ", or shorten the request (fewer few-shot examples, smaller max_gen_toks)")
 
     def _score(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
@@ -119,7 +120,8 @@ class HopeEvalLM(TemplateLM):
         return float(logprob), bool((logits.argmax(-1) == target).all())
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, instances=None):
-        return [self._score(ctx, cont) for _, ctx, cont in tqdm(requests, disable=disable_tqdm, desc="hope loglikelihood")]
+        progress = tqdm(requests, disable=disable_tqdm, desc="hope loglikelihood")
+        return [self._score(ctx, cont) for _, ctx, cont in progress]
 
     # ------------------------------------------------------------------ the three request types
     def loglikelihood(self, requests, disable_tqdm: bool = False):

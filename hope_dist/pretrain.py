@@ -18,6 +18,7 @@ if __package__ in (None, ""):  # run as a script by torchrun: make the repo impo
 from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, record  # noqa: E402
 
 from hope_dist.config import parse_args  # noqa: E402
+from hope_dist.console import setup_console_logging  # noqa: E402
 from hope_dist.errors import UserError, debugging, describe, report  # noqa: E402
 
 
@@ -44,6 +45,7 @@ def _train(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    setup_console_logging()
     try:
         return record(_train, error_handler=MessageErrorFile())(sys.argv[1:] if argv is None else argv)
     except UserError as e:

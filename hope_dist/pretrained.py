@@ -13,9 +13,9 @@ Folder layout:
                                    trust_remote_code=True) loads the folder (docs/eval_harness.md)
 
 `HopeLM` carries the fast-weight state across calls. A memory op counts its chunks from the
-start of each call, so the state is carried only at multiples of `proj_chunk` tokens: the
-session keeps the state at the last such boundary and re-runs the tokens after it (fewer than
-proj_chunk) with every call. Scoring or generating piece by piece therefore computes exactly
+start of each call, so the state is carried only at multiples of `model.state_span` tokens
+(proj_chunk, and the in-context CMS chunks if any): the session keeps the state at the last such
+boundary and re-runs the tokens after it (fewer than the span) with every call. Scoring or generating piece by piece therefore computes exactly
 what one forward over the whole text computes, for all three mixers.
 """
 from __future__ import annotations
@@ -185,7 +185,8 @@ def build_from_weights(model_cfg: ModelConfig, weights: dict[str, torch.Tensor],
     if missing or unexpected or wrong:
         raise PretrainedError(
             f"{source}: the weights do not fit the model config"
-            + (f"\n  missing {missing[:5]}" if missing else "") + (f"\n  unexpected {unexpected[:5]}" if unexpected else "")
+            + (f"\n  missing {missing[:5]}" if missing else "")
+            + (f"\n  unexpected {unexpected[:5]}" if unexpected else "")
             + "".join(f"\n  {w}" for w in wrong[:5]))
     materialize(model, device).load_state_dict(weights)
     if dtype is not None:
@@ -216,7 +217,7 @@ class HopeLM:
         self.model = model
         self.config = model.cfg
         self.tokenizer = tokenizer
-        self.span = model.cfg.proj_chunk  # state is carried at multiples of this many tokens
+        self.span = model.cfg.state_span  # state is carried at multiples of this many tokens
         self.reset()
 
     def reset(self) -> None:
@@ -264,7 +265,8 @@ class HopeLM:
         preds = logits[:-1] if prev is None else torch.cat([prev[None], logits[:-1]])
         preds = preds.to(torch.promote_types(preds.dtype, torch.float32))
         targets = torch.tensor(ids[1:] if prev is None else ids, device=logits.device)
-        logprobs = F.log_softmax(preds, dim=-1).gather(1, targets[:, None])[:, 0] if len(targets) else preds.new_zeros(0)
+        logprobs = (F.log_softmax(preds, dim=-1).gather(1, targets[:, None])[:, 0] if len(targets)
+                    else preds.new_zeros(0))
         return Score(list(ids), logprobs.cpu())
 
     def score(self, text: str) -> Score:

@@ -1,6 +1,6 @@
 """The training loop: build everything from a JobConfig, step, log, checkpoint, stop cleanly.
 
-One optimizer step (HOPE_SPEC section 4):
+One optimizer step (docs/model.md section 4):
   1. forward/backward every micro-batch of this rank's share with a token-SUM loss;
   2. the CMS clock banks the gradients of levels that do not tick and hands the window sums
      back to those that do;
@@ -13,6 +13,7 @@ One optimizer step (HOPE_SPEC section 4):
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
@@ -20,7 +21,6 @@ import signal
 import socket
 import subprocess
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -29,12 +29,13 @@ import yaml
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 
-from hope_dist.checkpoint import (Checkpointer, check_model_config, clock_for_dp_rank, committed_steps,
+from hope_dist.checkpoint import (Checkpointer, CheckpointError, check_model_config, clock_for_dp_rank, committed_steps,
                                   read_meta, stored_keys, verify_distributed)
 from hope_dist.clock import CMSClock, build_clock_groups
 from hope_dist.config import JobConfig, OptimConfig
 from hope_dist.data import build_train_stream
 from hope_dist.data.validation import build_validation_set
+from hope_dist.deadline import deadline
 from hope_dist.errors import DataError
 from hope_dist.metrics import MetricsLogger
 from hope_dist.model import build_model, count_parameters, document_segments
@@ -44,7 +45,10 @@ from hope_dist.optim import build_m3
 from hope_dist.parallel.grad_sync import clip_grad_norm_
 from hope_dist.parallel.mesh import build_mesh, check_world_size
 from hope_dist.parallel.parallelize import parallelize
+from hope_dist.parallel.process_group import init_default_group
 from hope_dist.parallel.tensor_parallel import loss_context
+
+log = logging.getLogger(__name__)
 
 
 # Optimizer state and param-group settings keyed by parameter name, not group index: pipeline
@@ -92,6 +96,13 @@ def build_optimizer(groups, cfg: OptimConfig, model: torch.nn.Module | None = No
 
 
 class Trainer:
+    def __new__(cls, cfg: JobConfig):
+        """parallel.engine=deepspeed selects the DeepSpeed trainer (parallel/deepspeed_engine.py), here only."""
+        if cls is Trainer and cfg.parallel.engine == "deepspeed":
+            from hope_dist.parallel.deepspeed_engine import DeepSpeedTrainer
+            cls = DeepSpeedTrainer
+        return super().__new__(cls)
+
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
@@ -126,8 +137,9 @@ class Trainer:
                        if isinstance(block.mixer, MemoryMixer)}  # this rank's layers
         self.groups = build_clock_groups(self.model)
         self.clock = CMSClock(self.groups)
-        self.optimizer = build_optimizer(self.groups, cfg.optim, self.model)
         self.sync = self.parallel.sync
+        self.forward_module = self.model  # what a forward calls: the DeepSpeed engine under engine=deepspeed
+        self.optimizer = self._build_optimizer()
         self.sync.attach(self.clock)
         self.ckpt = Checkpointer(cfg.checkpoint, self.run_dir, cfg.parallel.timeout_s)
         self.step = 0
@@ -137,18 +149,23 @@ class Trainer:
         self._inject_nonfinite_step = int(os.environ.get("HOPE_INJECT_NONFINITE_STEP", "-1"))
 
     # ------------------------------------------------------------------ setup
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        return build_optimizer(self.groups, self.cfg.optim, self.model)
+
     def _init_distributed(self) -> None:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         check_world_size(self.cfg.parallel, world)
-        if world > 1 and not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            if backend == "nccl":
-                torch.cuda.set_device(self.local_rank)
-            dist.init_process_group(backend, timeout=timedelta(seconds=self.cfg.parallel.timeout_s))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if world > 1 and backend == "nccl":
+            torch.cuda.set_device(self.local_rank)
+        # gloo's own connect timeout is timeout_s; the deadline catches the hangs past it (hope_dist/deadline.py)
+        with deadline(2 * self.cfg.parallel.timeout_s + 30, "process group and device mesh construction"):
+            if world > 1 and not dist.is_initialized():
+                init_default_group(backend, self.cfg.parallel.timeout_s)
+            self.dims = build_mesh(self.cfg.parallel, "cuda" if torch.cuda.is_available() else "cpu")
         self.world = world
-        self.dims = build_mesh(self.cfg.parallel, "cuda" if torch.cuda.is_available() else "cpu")
         self.dp_rank, self.dp_size = self.dims.dp_rank, self.dims.dp_size
         self.dp_group = self.dims.group("dp")
 
@@ -176,13 +193,16 @@ class Trainer:
                 "rng": {f"rank{self.rank}": rng},
                 "train": {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.data.state_dict()}}
 
-    def save(self, skippable: bool = False) -> Path:
+    def _meta(self) -> dict:
+        """meta.json of a checkpoint of this step (hope_dist.checkpoint)."""
         p = self.cfg.parallel
-        meta = {"step": self.step, "tokens_seen": self.tokens_seen, "git_commit": git_commit(),
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "git_commit": git_commit(),
                 "next_lr": lr_at(self.step, self.cfg.optim, self.cfg.training.steps),
                 "layout": {"dp": self.dp_size, "tp": p.tp, "pp": p.pp}, "world_size": self.world,
                 "torch": torch.__version__, "config": self.cfg.to_dict()}
-        return self.ckpt.save(self.step, self._state(), meta, skippable)
+
+    def save(self, skippable: bool = False) -> Path:
+        return self.ckpt.save(self.step, self._state(), self._meta(), skippable)
 
     def maybe_resume(self) -> None:
         """Load the checkpoint `checkpoint.resume` names, from any (dp, tp, pp) layout: DCP
@@ -194,6 +214,9 @@ class Trainer:
             return
         meta = read_meta(path)
         check_model_config(path, meta, self.cfg.model)
+        if meta.get("engine") == "deepspeed":
+            raise CheckpointError(f"{path} was written by parallel.engine=deepspeed: resume it with "
+                                  f"--parallel.engine=deepspeed (or export-hf it and import-hf the folder)")
         verify_distributed(path)
         keys = stored_keys(path)
         state = self._state()
@@ -202,7 +225,7 @@ class Trainer:
             self.ckpt.load(path, state)
             set_model_state_dict(self.model, state["model"])
             if self.rank == 0:
-                print(f"initialised the model from {path} (weights only); training starts at step 0", flush=True)
+                log.info("initialised the model from %s (weights only); training starts at step 0", path)
             return
         saved_dp = int(meta["layout"]["dp"])
         own = state["clock"][f"dp{self.dp_rank}"]
@@ -227,7 +250,7 @@ class Trainer:
         self.data.load_state_dict(state["train"]["data"])
         if self.rank == 0:
             layout = f" (saved under dp={saved_dp}, now dp={self.dp_size})" if saved_dp != self.dp_size else ""
-            print(f"resumed from {path} at step {self.step}{layout}", flush=True)
+            log.info("resumed from %s at step %d%s", path, self.step, layout)
 
     # ------------------------------------------------------------------ loop
     def _request_stop(self, signum, _frame) -> None:
@@ -242,11 +265,14 @@ class Trainer:
                             enabled=self.amp_dtype is not None):
             if self.parallel.pipeline is not None:  # every stage's forward (and backward)
                 return self.parallel.pipeline.step(tokens, labels, segments, backward)
-            logits = self.model(tokens, segments(tokens))
+            logits = self.forward_module(tokens, segments(tokens))
         loss = self.parallel.loss(logits, labels)  # token sum; vocab-parallel under tp
         if backward:
-            loss.backward()
+            self._backward(loss)
         return loss.detach()
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
 
     def _global_sums(self, loss_sum: torch.Tensor, tokens: int) -> torch.Tensor:
         """(loss sum, token count) over data-parallel ranks and pipeline stages, float64."""
@@ -298,27 +324,14 @@ class Trainer:
         if probe:
             metrics.update(self._memory_health())
         if not math.isfinite(loss):
-            self.optimizer.zero_grad(set_to_none=True)
-            self.sync.discard()  # gradients a sharded data-parallel layer still holds
+            self._discard()
             if cfg.training.nonfinite == "stop":
                 raise FloatingPointError(
                     f"non-finite loss ({loss}) at step {step} (training.nonfinite=stop); the newest "
                     f"complete checkpoint is intact; rerun with --training.nonfinite=skip to skip such steps")
             metrics.update(skipped_nonfinite=True, ticked=[], grad_norm=float("nan"), bytes_reduced={})
         else:
-            ticking, metrics["bytes_reduced"] = self.sync.reduce(self.clock, step, step_tokens)
-            params = []
-            for g in ticking:
-                for _, p in g.params:
-                    if p.grad is not None:
-                        p.grad.div_(g.window_tokens)
-                        params.append(p)
-            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            metrics["grad_norm"] = clip_grad_norm_(params, clip, cfg.parallel.pp)
-            for group in self.optimizer.param_groups:
-                group["lr"] = metrics["lr"] * group["lr_scale"]
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            ticking, metrics["bytes_reduced"], metrics["grad_norm"] = self._update(step, step_tokens, metrics["lr"])
             self.clock.finish_tick(ticking)
             metrics["ticked"] = [g.name for g in ticking]
         self.step += 1
@@ -326,6 +339,28 @@ class Trainer:
         dt = time.perf_counter() - t0
         metrics.update(tokens_per_s=step_tokens / dt, step_time_s=dt, tokens_seen=self.tokens_seen)
         return metrics
+
+    def _discard(self) -> None:
+        """Drop this step's gradients (a skipped step); the clock's windows stay."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.sync.discard()  # gradients a sharded data-parallel layer still holds
+
+    def _update(self, step: int, step_tokens: int, lr: float) -> tuple[list, dict[str, int], float]:
+        """Steps 2-4 of the module docstring; returns (ticking groups, bytes reduced by group, grad norm)."""
+        ticking, sent = self.sync.reduce(self.clock, step, step_tokens)
+        params = []
+        for g in ticking:
+            for _, p in g.params:
+                if p.grad is not None:
+                    p.grad.div_(g.window_tokens)
+                    params.append(p)
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = clip_grad_norm_(params, clip, self.cfg.parallel.pp)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return ticking, sent, grad_norm
 
     def _memory_health(self) -> dict:
         """The probes of this step (model/memory_health.py) as flat metrics `mem/L{layer}/{stat}`,
@@ -371,8 +406,10 @@ class Trainer:
         logger = MetricsLogger(cfg.metrics, self.run_dir, rank=self.rank, total_steps=cfg.training.steps,
                                start_step=self.step, config=cfg.to_dict())
         counts = count_parameters(self.model)
-        logger.print(f"parameters: {counts['total']:,} ({', '.join(f'{k} {v:,}' for k, v in counts.items() if k != 'total')})")
-        logger.print("clock groups: " + ", ".join(f"{g.name} (period {g.period}, lr x{g.lr_scale})" for g in self.groups))
+        parts = ", ".join(f"{k} {v:,}" for k, v in counts.items() if k != "total")
+        logger.print(f"parameters: {counts['total']:,} ({parts})")
+        logger.print("clock groups: "
+                     + ", ".join(f"{g.name} (period {g.period}, lr x{g.lr_scale})" for g in self.groups))
         logger.print(self.parallel.description)
         last = None
         try:

@@ -7,7 +7,7 @@
 # HOPE_GPUS_PER_NODE, HOPE_CPUS_PER_TASK, HOPE_TIME, HOPE_PARTITION, HOPE_ACCOUNT and
 # HOPE_SBATCH_ARGS into sbatch options. `--dry-run` prints the commands instead of running them.
 # Every other argument goes to hope_dist/pretrain.py after `--config $HOPE_CONFIG` and
-# `--run_dir=$HOPE_RUN_DIR` (when set), so later arguments win.
+# `--run_dir=$HOPE_RUN_DIR` and `--parallel.engine=$HOPE_ENGINE` (when set), so later arguments win.
 
 hope_die() { echo "launch: $*" >&2; exit 2; }
 
@@ -26,6 +26,7 @@ hope_parse_args() {
     done
     HOPE_ARGS=(--config "$HOPE_CONFIG")
     if [[ -n ${HOPE_RUN_DIR:-} ]]; then HOPE_ARGS+=("--run_dir=$HOPE_RUN_DIR"); fi
+    if [[ -n ${HOPE_ENGINE:-} ]]; then HOPE_ARGS+=("--parallel.engine=$HOPE_ENGINE"); fi  # native | deepspeed
     HOPE_ARGS+=("${HOPE_USER_ARGS[@]}")
 }
 

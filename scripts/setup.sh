@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install hope_dist with its test extras (dev; eval = lm-eval + transformers,
-# tests/test_lm_eval.py; override with EXTRAS=dev). Installs the CPU torch 2.13.0 wheel first (a
+# tests/test_lm_eval.py; deepspeed = DeepSpeed 0.19 without prebuilt ops, tests/test_deepspeed.py;
+# override with EXTRAS=dev). Installs the CPU torch 2.13.0 wheel first (a
 # fresh machine has it locally) so nothing pulls a CUDA build; on a GPU machine set TORCH_SPEC to
 # the torch you want, e.g. TORCH_SPEC="torch==2.13.0" with the CUDA index.
 set -euo pipefail
@@ -10,5 +11,5 @@ PY=${PYTHON:-python3}
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
-python -m pip install -q -e ".[${EXTRAS:-dev,eval}]"
-python -c "import torch, megatron.core, tokenizers; print(f'hope_dist env ready: torch {torch.__version__}')"
+DS_BUILD_OPS=${DS_BUILD_OPS:-0} python -m pip install -q -e ".[${EXTRAS:-dev,eval,deepspeed}]"
+python -c "import torch, tokenizers, hope_dist; print(f'hope_dist env ready: torch {torch.__version__}')"

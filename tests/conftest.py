@@ -16,9 +16,9 @@ torch.set_num_threads(1)
 
 def write_indexed_dataset(prefix: Path, docs: list[np.ndarray]) -> Path:
     """Write `docs` (token arrays, EOD included) as PREFIX.bin/.idx with megatron-core's builder."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from data_prep.megatron_format import megatron_indexed_dataset
 
-    builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.uint16)
+    builder = megatron_indexed_dataset().IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.uint16)
     for doc in docs:
         builder.add_document(torch.as_tensor(doc.astype(np.int64)), [len(doc)])
     builder.finalize(str(prefix) + ".idx")

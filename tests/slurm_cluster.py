@@ -142,7 +142,8 @@ class SlurmCluster:
             (r / sub).mkdir(parents=True, exist_ok=True)
         os.chmod(r, 0o700)
         key = r / "munge.key"
-        subprocess.run([_sbin("mungekey"), "--create", "--force", "--keyfile", str(key)], check=True, capture_output=True)
+        subprocess.run([_sbin("mungekey"), "--create", "--force", "--keyfile", str(key)], check=True,
+                       capture_output=True)
         os.chmod(key, 0o400)
         (r / "slurm.conf").write_text(SLURM_CONF.format(root=r, ctld_port=_free_port(), slurmd_port=_free_port()))
         self._spawn("munged", [_sbin("munged"), "--foreground", "--force", f"--socket={r}/munge.socket",

@@ -1,4 +1,4 @@
-"""CMS clocks (HOPE_SPEC section 4): levels change exactly at their ticks, and the trainer's
+"""CMS clocks (docs/model.md section 4): levels change exactly at their ticks, and the trainer's
 step equals a hand-written reference loop of the same clocks (separate AdamW per level, window
 sums in float32, window-token normalisation, one global clip over what steps)."""
 import copy
@@ -20,7 +20,8 @@ PERIODS = (1, 2, 4)
 
 
 def test_groups_follow_levels_and_ticks():
-    cfg = load_config("configs/tiny.yaml", ["--model.cms=[{width: 8, period: 1}, {width: 8, period: 2, lr_scale: 0.5}, {width: 8, period: 4}]"])
+    cfg = load_config("configs/tiny.yaml", [
+        "--model.cms=[{width: 8, period: 1}, {width: 8, period: 2, lr_scale: 0.5}, {width: 8, period: 4}]"])
     groups = {g.name: g for g in build_clock_groups(build_model(cfg.model))}
     assert [(n, g.period, g.lr_scale) for n, g in groups.items()] == [
         ("base", 1, 1.0), ("cms.0", 1, 1.0), ("cms.1", 2, 0.5), ("cms.2", 4, 1.0)]
@@ -100,7 +101,7 @@ def test_trainer_matches_hand_written_clocked_loop(random_dataset, tmp_path):
         assert metrics["grad_norm"] == pytest.approx(norm, rel=1e-6)
 
         # a level's parameters change exactly at its ticks
-        for name, (period, params) in levels.items():
+        for name, (_period, params) in levels.items():
             names = [n for n, p in ref.named_parameters() if any(p is q for q in params)]
             changed = [not torch.equal(before[n], dict(trainer.model.named_parameters())[n]) for n in names]
             if name in ticking:

@@ -200,7 +200,8 @@ def test_broken_exported_folders_are_named(trained, tmp_path):
         hope_dist.from_pretrained(hf)
     assert f"{weights} vs {hf / 'config.json'}" in str(err.value)
     assert "tok_embeddings.weight: stored (96, 32), config wants (96, 48)" in str(err.value)
-    (hf / "config.json").write_text(json.dumps({**config, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    llama = {**config, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    (hf / "config.json").write_text(json.dumps(llama))
     with pytest.raises(PretrainedError, match=f"{hf / 'config.json'}.*not another architecture"):
         hope_dist.from_pretrained(hf)
     with pytest.raises(PretrainedError, match="config.json: missing"):

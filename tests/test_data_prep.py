@@ -50,9 +50,9 @@ def hf_reference(tokenizer: str, texts: list[str]) -> list[list[int]]:
 
 
 def read_megatron(prefix: str) -> list[list[int]]:
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from data_prep.megatron_format import megatron_indexed_dataset
 
-    ds = IndexedDataset(prefix)
+    ds = megatron_indexed_dataset().IndexedDataset(prefix)
     return [ds[i].tolist() for i in range(len(ds))]
 
 
@@ -246,7 +246,7 @@ def test_line_numbers_in_later_shards(tokenizer_json, tmp_path, capsys):
     (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
     assert run_tokenize([tmp_path / "a.jsonl"], tokenizer_json, tmp_path / "ds", "--strict",
                         "--shard-size-mb", 0.002) == 2
-    assert f"a.jsonl:98: malformed JSON" in capsys.readouterr().err
+    assert "a.jsonl:98: malformed JSON" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case, message", [

@@ -5,6 +5,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -166,3 +167,52 @@ def test_hung_rank_ends_the_job_within_the_collective_timeout(random_dataset, tm
     noted = re.search(r"\[rank 0 of 2, step (\d+)\]", out)
     assert noted and int(noted.group(1)) in (step, step + 1), (step, out[-3000:])
     assert not (run_dir / "COMPLETE").exists()
+
+
+def test_deadline_ends_a_hung_call_with_a_message():
+    """A body that outlives its deadline ends the process (torchrun can restart it) and says what hung."""
+    code = ("import time\nfrom hope_dist.deadline import deadline\n"
+            "with deadline(1, 'the test group construction'):\n    time.sleep(60)\n")
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.returncode == 75, out
+    assert time.monotonic() - t0 < 30
+    assert "the test group construction did not finish in 1 s" in out.stderr
+
+
+def test_deadline_is_silent_when_the_body_finishes():
+    code = ("from hope_dist.deadline import deadline\nimport time\n"
+            "with deadline(1, 'x'):\n    pass\ntime.sleep(2)\nprint('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok" and out.stderr == "", out
+
+
+RESTART_WORKER = """
+import os, sys, time
+import torch, torch.distributed as dist
+from hope_dist.parallel.process_group import init_default_group
+attempt, rank = int(os.environ["TORCHELASTIC_RESTART_COUNT"]), int(os.environ["RANK"])
+if attempt == 1 and rank == 1:
+    time.sleep(8)  # rank 0 looks up rank 1's address before rank 1 writes this attempt's
+init_default_group("gloo", 20)
+t = torch.ones(1)
+dist.all_reduce(t)
+print(f"attempt {attempt} rank {rank} sum {t.item():.0f}", flush=True)
+if attempt == 0 and rank == 1:
+    sys.exit(3)  # torchrun restarts the group on the store it keeps
+dist.destroy_process_group()
+"""
+
+
+def test_a_restarted_group_does_not_read_the_previous_attempts_addresses(tmp_path):
+    """torchrun keeps its TCPStore across restarts; without init_default_group's per-attempt prefix,
+    rank 0 of the second attempt reads rank 1's dead address and fails (`connectFullMesh ... Connect
+    timeout`, checked by hand with dist.init_process_group), or hangs (docs/reliability.md)."""
+    script = tmp_path / "worker.py"
+    script.write_text(RESTART_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    out = subprocess.run([str(REPO / ".venv/bin/torchrun"), "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+                          "--monitor-interval=0.1", str(script)], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert "attempt 1 rank 0 sum 2" in out.stdout and "attempt 1 rank 1 sum 2" in out.stdout

@@ -114,7 +114,7 @@ def test_harness_numbers_equal_the_loader(folder, results):
     lm = hope_dist.from_pretrained(folder)
     tok = lm.tokenizer
     for sample in results["samples"]["hope_mc"]:
-        for (ctx, cont), [(ll, is_greedy)] in zip(sample["arguments"], sample["resps"]):
+        for (ctx, cont), [(ll, _is_greedy)] in zip(sample["arguments"], sample["resps"]):
             ctx_ids, whole = tok.encode(ctx).ids, tok.encode(ctx + cont).ids
             assert whole[:len(ctx_ids)] == ctx_ids
             lm.reset()
@@ -146,7 +146,8 @@ def requests(n_gen: int = 4) -> list[Instance]:
 
 
 def run(lm: HopeEvalLM, reqs: list[Instance]) -> list:
-    by_type = {t: [r for r in reqs if r.request_type == t] for t in ("loglikelihood", "loglikelihood_rolling", "generate_until")}
+    by_type = {t: [r for r in reqs if r.request_type == t]
+               for t in ("loglikelihood", "loglikelihood_rolling", "generate_until")}
     out = {}
     for t, rs in by_type.items():
         out.update(zip([r.idx for r in rs], getattr(lm, t)(rs, disable_tqdm=True)))

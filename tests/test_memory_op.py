@@ -1,4 +1,4 @@
-"""The HOPE memory op (kernels.hope_memory, HOPE_SPEC sections 2-3): the chunked PyTorch path
+"""The HOPE memory op (kernels.hope_memory, docs/model.md sections 2-3): the chunked PyTorch path
 against the per-token reference, and the properties every path must have (causality, batching,
 carried state, packed documents, the spec's conventions, input validation)."""
 from __future__ import annotations
@@ -329,7 +329,7 @@ def test_selfmod_matches_rule_written_with_autograd(impl, chunk, proj_chunk):
         gamma = torch.sigmoid(params.gamma[h])
         for t in range(case.seq):
             if t % proj_chunk == 0:
-                start = [(w1[m], w2[m]) for m in range(4)] + start[4:] if t else list(zip(w1, w2))
+                start = [(w1[m], w2[m]) for m in range(4)] + start[4:] if t else list(zip(w1, w2))  # noqa: F821
             if t % chunk == 0:
                 start[4] = (w1[4], w2[4])
             mk, mv, meta, malpha = (memory(*start[m], a[t, h]) for m in range(4))
@@ -436,10 +436,14 @@ def test_bad_input_is_named(mutate, words):
         hope_memory(q, params, **kwargs)
 
 
-def test_packed_input_rejects_bad_offsets():
+@pytest.mark.parametrize("impl", ["naive", "torch"])
+def test_packed_input_rejects_bad_offsets(impl):
+    """One check for every path: empty documents are an error everywhere (test_memory_triton.py too)."""
     q, params, inputs, _ = make_problem(Case(seq=10), batch=1)
     for cu in ([0, 4, 4, 10], [0, 4, 9], [1, 10]):
         with pytest.raises(ValueError, match="cu_seqlens"):
-            hope_memory(q, params, **inputs, cu_seqlens=torch.tensor(cu))
+            hope_memory(q, params, **inputs, cu_seqlens=torch.tensor(cu), impl=impl)
+    with pytest.raises(ValueError, match="no empty documents"):
+        hope_memory(q, params, **inputs, cu_seqlens=torch.tensor([0, 4, 4, 10]), impl=impl)
     with pytest.raises(ValueError, match="cu_seqlens"):
-        hope_memory(q, params, **inputs, cu_seqlens=torch.tensor([0.0, 10.0]))
+        hope_memory(q, params, **inputs, cu_seqlens=torch.tensor([0.0, 10.0]), impl=impl)

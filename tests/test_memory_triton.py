@@ -1,7 +1,8 @@
-"""The Triton path of the HOPE memory op (kernels/hope_memory/chunk.py) against the per-token
-reference: outputs, final state and the gradient of every input, on CPU under the Triton
-interpreter (float32 kernels vs the float64 reference), and bf16 on a GPU when one is there. The
-kernels implement W1's gated update, so every comparison runs with w1_delta=False."""
+"""The Triton path of the HOPE memory op (kernels/hope_memory/chunk.py, reached through the public
+`hope_memory(..., impl="triton")`, which validates its inputs) against the per-token reference:
+outputs, final state and the gradient of every input, on CPU under the Triton interpreter (float32
+kernels vs the float64 reference), and bf16 on a GPU when one is there. The kernels implement W1's
+gated update, so every comparison runs with w1_delta=False."""
 from __future__ import annotations
 
 import os
@@ -14,7 +15,6 @@ if not torch.cuda.is_available():  # must precede the first @triton.jit definiti
 pytest.importorskip("triton")
 
 from kernels.hope_memory import MemoryParams, MemoryState, hope_memory, l2norm  # noqa: E402
-from kernels.hope_memory.chunk import chunk_hope_memory  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -66,8 +66,8 @@ def forward_backward(impl, dtype, q, params, inputs, state, seed=1, **kwargs):
         leaves = {n: x for n, x in leaves.items() if n not in ("params.w1", "params.w2")}
     for x in leaves.values():
         x.requires_grad_(True)
-    fn = chunk_hope_memory if impl == "triton" else lambda *a, **k: hope_memory(*a, **k, impl=impl)
-    o, final = fn(q, params, **inputs, initial_state=state, output_final_state=True, w1_delta=False, **kwargs)
+    o, final = hope_memory(q, params, **inputs, initial_state=state, output_final_state=True, w1_delta=False,
+                           impl=impl, **kwargs)
     gen = torch.Generator().manual_seed(seed)
     outs = [o] + [x for x in final if x is not None]
     upstream = [torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x) for x in outs]
@@ -109,7 +109,7 @@ CASES = {  # name: (make_problem kwargs, op kwargs); small enough for the CPU in
 
 @pytest.mark.parametrize("name", CASES)
 def test_matches_reference(name):
-    """float32 kernels == float64 naive reference, rel RMS <= 1e-4 (HOPE_SPEC section 3)."""
+    """float32 kernels == float64 naive reference, rel RMS <= 1e-4 (docs/model.md section 3)."""
     problem, op = CASES[name]
     docs = problem.get("docs")
     if docs is not None:
@@ -125,8 +125,8 @@ def test_chunk_lengths_forward(chunk, proj_chunk):
     """Outputs and final state for chunk lengths below, at and above the 16-row tile."""
     q, params, inputs, _ = make_problem(batch=1, seq=63, heads=1)
     kw = dict(output_final_state=True, chunk=chunk, proj_chunk=proj_chunk, w1_delta=False)
-    o, final = chunk_hope_memory(cast(q, torch.float32), cast(params, torch.float32),
-                                 **{n: cast(x, torch.float32) for n, x in inputs.items()}, **kw)
+    o, final = hope_memory(cast(q, torch.float32), cast(params, torch.float32),
+                           **{n: cast(x, torch.float32) for n, x in inputs.items()}, **kw, impl="triton")
     o_ref, final_ref = hope_memory(q, params, **inputs, **kw, impl="naive")
     assert rel_rms(o, o_ref) <= 1e-4
     assert rel_rms(final.w1, final_ref.w1) <= 1e-4 and rel_rms(final.w2, final_ref.w2) <= 1e-4
@@ -162,21 +162,38 @@ def test_16bit_inputs():
     assert_matches(got, want, 5e-3, 1e-2)
 
 
+def _triton_problem(**make):
+    q, params, inputs, _ = make_problem(**make)
+    return dict(q=q.float(), params=cast(params, torch.float32), a=inputs["a"].float(), chunk=16, proj_chunk=32,
+                w1_delta=False)
+
+
 @pytest.mark.parametrize("mutate,error,words", [
-    (lambda p: p.update(q=p["q"][..., :12]), ValueError, "power of two"),
+    (lambda p: p.update(_triton_problem(d_h=24)), ValueError, r"d_h .* = 24: .* power of two .* impl=\"torch\""),
+    (lambda p: p.update(_triton_problem(d_m=48)), ValueError, r"d_m .* = 48: .* power of two"),
+    (lambda p: p.update(q=p["q"].double(), a=p["a"].double(), params=cast(p["params"], torch.float64)),
+     ValueError, "float32, bfloat16 or float16"),
     (lambda p: p.update(proj_chunk=24), ValueError, "multiple of chunk"),
-    (lambda p: p.update(a=p["a"][:, :10]), ValueError, "`a` has shape"),
-    (lambda p: p.update(params=p["params"]._replace(gamma=torch.zeros(2))), NotImplementedError, 'impl="torch"'),
-    (lambda p: p.update(cu_seqlens=torch.tensor([0, 10, 63])), ValueError, "batch must be 1"),
+    (lambda p: p.update(a=p["a"][:, :10]), ValueError, r"a \(selfmod, n_mem = 5\) has shape"),
+    (lambda p: p.update(params=p["params"]._replace(gamma=torch.zeros(2))), NotImplementedError,
+     r'params.gamma .* impl="torch"'),
+    (lambda p: p.update(cu_seqlens=torch.tensor([0, 10, 63])), ValueError, "B = 1"),
     (lambda p: p.update(w1_delta=True), NotImplementedError, r"W1's delta rule .* w1_delta=False"),
 ])
 def test_bad_input_is_named(mutate, error, words):
-    q, params, inputs, _ = make_problem()
-    problem = dict(q=q.float(), params=cast(params, torch.float32), a=inputs["a"].float(), chunk=16, proj_chunk=32,
-                   w1_delta=False)
+    """The public function's one check covers the Triton limits, naming the argument and the fix."""
+    problem = _triton_problem()
     mutate(problem)
     with pytest.raises(error, match=words):
-        chunk_hope_memory(problem.pop("q"), problem.pop("params"), **problem)
+        hope_memory(problem.pop("q"), problem.pop("params"), **problem, impl="triton")
+
+
+def test_empty_document_is_rejected_as_on_every_path():
+    """Packed documents must be non-empty for the Triton path too (one check for all paths)."""
+    problem = _triton_problem(batch=1)
+    with pytest.raises(ValueError, match="no empty documents"):
+        hope_memory(problem.pop("q"), problem.pop("params"), **problem, cu_seqlens=torch.tensor([0, 10, 10, 63]),
+                    impl="triton")
 
 
 @pytest.mark.gpu

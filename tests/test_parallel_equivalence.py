@@ -1,4 +1,4 @@
-"""Every (dp, tp, pp) layout trains exactly like one process (HOPE_SPEC sections 4 and 5).
+"""Every (dp, tp, pp) layout trains exactly like one process (docs/model.md sections 4 and 5).
 
 Each layout is one spawn of real gloo ranks running the real Trainer on a real indexed dataset
 for 6 steps with CMS periods (1, 2, 3); the per-step losses and the final parameters must equal

@@ -32,7 +32,7 @@ def test_dry_run_prints_the_gpu_job_and_validates_the_config():
 def test_dry_run_honours_hope_variables():
     env = {"PATH": "/usr/bin:/bin", "HOPE_NNODES": "2", "HOPE_GPUS_PER_NODE": "0", "HOPE_NPROC_PER_NODE": "4",
            "HOPE_CPUS_PER_TASK": "8", "HOPE_TIME": "1:00:00", "HOPE_RUN_DIR": "/tmp/hope-dry",
-           "HOPE_MAX_RESTARTS": "2", "NCCL_DEBUG": "INFO"}
+           "HOPE_MAX_RESTARTS": "2", "NCCL_DEBUG": "INFO", "HOPE_ENGINE": "deepspeed"}
     out = subprocess.run(["bash", "launch/hope_760m.sh", "--dry-run"], cwd=REPO, capture_output=True,
                          text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
@@ -41,6 +41,7 @@ def test_dry_run_honours_hope_variables():
     srun = next(line for line in out.stdout.splitlines() if line.startswith("srun "))
     assert "--nnodes=2 --nproc-per-node=4" in srun and "--max-restarts=2" in srun
     assert "--run_dir=/tmp/hope-dry" in srun and "--parallel.dp_shard=8" in srun
+    assert "--parallel.engine=deepspeed" in srun  # validated on the way: deepspeed is installed
     assert "# run dir: /tmp/hope-dry" in out.stdout and "NCCL_DEBUG=INFO" in out.stdout
     assert "OMP_NUM_THREADS=2" in out.stdout
 

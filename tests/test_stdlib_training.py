@@ -49,9 +49,9 @@ def test_tiny_hope_learns_the_stdlib(stdlib_data, tmp_path):
 
 
 def unigram_entropy(prefix) -> float:
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from data_prep.megatron_format import megatron_indexed_dataset
 
-    ds = IndexedDataset(str(prefix))
+    ds = megatron_indexed_dataset().IndexedDataset(str(prefix))
     counts = np.bincount(np.concatenate([ds[i] for i in range(len(ds))]))
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())

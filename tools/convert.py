@@ -2,10 +2,12 @@
 
     python -m tools.convert consolidate CKPT OUT.safetensors [--dtype fp32|bf16]
     python -m tools.convert reshard     CKPT OUT_STEP_DIR [--dp-replicate N] [--dp-shard N] [--tp N] [--pp N]
-    python -m tools.convert export-hf   CKPT OUT_DIR [--dtype fp32|bf16] [--tokenizer tokenizer.json] [--max-shard-size 5GB]
+    python -m tools.convert export-hf   CKPT OUT_DIR [--dtype fp32|bf16] [--tokenizer tokenizer.json]
+                                        [--max-shard-size 5GB]
     python -m tools.convert import-hf   HF_DIR OUT_STEP_DIR [--base CKPT]
 
-CKPT is a committed step-N folder (it is verified first: marker, every shard, checksums).
+CKPT is a committed step-N folder (it is verified first: marker, every shard, checksums); consolidate and
+export-hf also read one written by parallel.engine=deepspeed (DeepSpeed's own files).
 reshard writes the same training state for another (dp, tp, pp) layout: model and optimizer are
 stored layout-free by DCP; the CMS clocks' pending window sums are re-split over the new
 data-parallel ranks (their total is kept, see hope_dist.checkpoint.clock_for_dp_rank) and the
@@ -48,6 +50,14 @@ def checked(path: str) -> tuple[Path, dict]:
     return path, read_meta(path)
 
 
+def model_weights(path: Path, meta: dict) -> dict[str, torch.Tensor]:
+    """The model's full tensors of a checkpoint of either engine (parallel.engine)."""
+    if meta.get("engine") == "deepspeed":
+        from hope_dist.parallel.deepspeed_engine import read_model as read_deepspeed_model
+        return read_deepspeed_model(path)
+    return read_model(path)
+
+
 def fitting(model_cfg: ModelConfig, weights: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     """`weights` if they hold every tensor of the model, each of its shape (checked by loading them
     into a meta-device model, which copies nothing); else an error naming `source`, not a training
@@ -87,7 +97,7 @@ def consolidate(ckpt: str, out: str, dtype: str = "fp32") -> Path:
     from safetensors.torch import save_file
 
     path, meta = checked(ckpt)
-    weights = {k: v.to(DTYPES[dtype]).contiguous() for k, v in read_model(path).items()}
+    weights = {k: v.to(DTYPES[dtype]).contiguous() for k, v in model_weights(path, meta).items()}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(out).with_name(f".{Path(out).name}.partial")
     save_file(weights, str(tmp), metadata={"format": "pt", "step": str(meta["step"]), "source": str(path)})
@@ -98,6 +108,10 @@ def reshard(ckpt: str, out: str, dp_replicate: int | None = None, dp_shard: int 
             tp: int | None = None, pp: int | None = None) -> Path:
     """The training state of `ckpt` laid out for new parallel sizes (None keeps the saved one)."""
     path, meta = checked(ckpt)
+    if meta.get("engine") == "deepspeed":
+        raise CheckpointError(f"{path} is a DeepSpeed checkpoint (parallel.engine=deepspeed): reshard reads the "
+                              f"native engine's DCP checkpoints; resume it under its own dp size, or export-hf it "
+                              f"and import-hf the folder to start a native run from its weights")
     cfg = from_dict(JobConfig, meta["config"])
     p = cfg.parallel
     for key, value in (("dp_replicate", dp_replicate), ("dp_shard", dp_shard), ("tp", tp), ("pp", pp)):
@@ -134,7 +148,7 @@ def export_hf(ckpt: str, out: str, dtype: str = "fp32", tokenizer: str | None = 
     if tokenizer is not None:
         check_tokenizer(read_tokenizer(tokenizer), model_cfg.vocab_size, Path(tokenizer))
     tmp = new_output(out)
-    save_pretrained(tmp, read_model(path), model_cfg, dtype=DTYPES[dtype], tokenizer=tokenizer,
+    save_pretrained(tmp, model_weights(path, meta), model_cfg, dtype=DTYPES[dtype], tokenizer=tokenizer,
                     max_shard_bytes=max_shard_bytes,
                     source={"checkpoint": str(path), "step": meta["step"], "git_commit": meta.get("git_commit"),
                             "seq_len": meta["config"].get("training", {}).get("seq_len")})

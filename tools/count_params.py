@@ -18,7 +18,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("configs", nargs="+", help="YAML configs")
     args, overrides = parser.parse_known_args(argv)
-    print(f"{'config':<32} {'total':>15} {'embedding':>13} {'mixer':>13} {'cms':>13} {'norms+head':>13} {'vs first':>9}")
+    print(f"{'config':<32} {'total':>15} {'embedding':>13} {'mixer':>13} {'cms':>13} {'norms+head':>13} "
+          f"{'vs first':>9}")
     first = None
     for path in args.configs:
         cfg = load_config(path, overrides)

@@ -55,7 +55,8 @@ def describe(path: Path, tensors: bool = False, config: bool = False, checksums:
             part[2] += numel * m.properties.dtype.itemsize
         objects = len(stored_keys(path)) - len(metas)
         lines.append("  contents: " + ", ".join(
-            f"{name} {n} tensors / {numel:,} values / {_human(size)}" for name, (n, numel, size) in sorted(parts.items()))
+            f"{name} {n} tensors / {numel:,} values / {_human(size)}"
+            for name, (n, numel, size) in sorted(parts.items()))
             + f"; {objects} other objects")
         if tensors:
             for key, m in sorted(metas.items()):

@@ -5,7 +5,8 @@ any length in segments of S tokens, handing the state from one segment to the ne
 (model(x, state=..., return_state=True)). If the memory helps, loss at late positions is lower
 with the state carried than with it reset at every segment. The memory op counts its chunks
 from the start of each call, so carrying equals one long forward exactly only when S is a
-multiple of model.proj_chunk (checked; tests/test_evaluate.py checks the equality to 1e-5).
+multiple of model.state_span (proj_chunk, and in-context CMS chunks, which count the same way;
+checked; tests/test_evaluate.py checks the equality to 1e-5).
 Attention has no fixed-size state: carrying it means a KV cache over the whole document, at
 positions past the trained window, so attention is scored within its window only (reset).
 """
@@ -27,15 +28,20 @@ ATTENTION_NOTE = ("attention has no fixed-size state to carry (carrying would me
 
 
 def check_segment(model: torch.nn.Module, segment: int, length: int | None = None) -> None:
-    """S must be a positive multiple of proj_chunk (memory mixers) and shorter than the documents."""
+    """S must be a positive multiple of model.state_span (memory mixers: proj_chunk and the in-context
+    CMS chunks) and shorter than the documents."""
     cfg = model.cfg
     if segment < 1:
         raise EvalError(f"--segment {segment}: must be positive")
-    if cfg.mixer != "attention" and segment % cfg.proj_chunk:
-        lo = segment // cfg.proj_chunk * cfg.proj_chunk
-        raise EvalError(f"--segment {segment} is not a multiple of model.proj_chunk={cfg.proj_chunk}: the memory op "
-                        f"counts chunks from the start of each call, so only such segments carry the state exactly; "
-                        f"use --segment {max(lo, cfg.proj_chunk)} or {lo + cfg.proj_chunk}")
+    span = cfg.state_span
+    if cfg.mixer != "attention" and segment % span:
+        lo = segment // span * span
+        chunks = [c for c in cfg.cms_chunks if c]
+        what = f"model.proj_chunk={cfg.proj_chunk}" + (f" and the in-context CMS chunks {chunks} (lcm {span})"
+                                                       if chunks else "")
+        raise EvalError(f"--segment {segment} is not a multiple of {what}: the memory op (and in-context CMS levels) "
+                        f"count chunks from the start of each call, so only such segments carry the state exactly; "
+                        f"use --segment {max(lo, span)} or {lo + span}")
     if length is not None and length <= segment:
         raise EvalError(f"--long-len {length} must exceed --segment {segment}: the eval compares positions "
                         "beyond one segment")

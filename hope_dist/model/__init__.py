@@ -1,4 +1,4 @@
-"""HOPE network (single-device); see HOPE_SPEC section 1."""
+"""HOPE network (single-device); see docs/model.md section 1."""
 from hope_dist.model.model import Block, HopeModel, build_model, count_parameters, materialize
 from hope_dist.model.segments import Segments, document_segments
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from kernels.hope_memory import hope_memory
-from kernels.hope_memory.naive import heads_first, initial_memory_state, memory_forward, projections
+from kernels.hope_memory.common import heads_first, initial_memory_state, memory_forward, projections
 from kernels.hope_memory.types import MemoryParams
 
 STATS = ("fw_norm_max", "fw_norm_mean", "eta_mean", "alpha_mean", "inner_loss")

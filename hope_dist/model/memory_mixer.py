@@ -1,4 +1,4 @@
-"""The `selfmod` (HOPE) and `titans` mixers of HOPE_SPEC sections 1-2.
+"""The `selfmod` (HOPE) and `titans` mixers of docs/model.md sections 1-2.
 
 Both project x, run the memory op of kernels/hope_memory over the heads, then normalise each
 head's read-out, gate it by silu(g) and project back. They differ only in where k, v, eta and
@@ -12,7 +12,8 @@ Choices the spec leaves open (tested in tests/test_model.py):
   sigmoid read-outs of x (eta scaled by eta_max).
 - Initial memories: W2 ~ N(0, 1/d_h) and W1 ~ N(0, init_std) (depth 2: M starts near the
   identity; `model.memory_w1_std` overrides W1's std); depth 1 starts at I + N(0, init_std). alpha
-  starts near `model.alpha_init` (0.99: a horizon of ~100 tokens), eta near ETA_INIT = 0.1, and with momentum gamma near GAMMA_INIT = 0.9. The op's momentum is an
+  starts near `model.alpha_init` (0.99: a horizon of ~100 tokens), eta near ETA_INIT = 0.1, and with
+  momentum gamma near GAMMA_INIT = 0.9. The op's momentum is an
   EMA of the inner gradients (S_t = gamma S_{t-1} + (1 - gamma) G_t, docs/memory_op.md "Momentum"),
   so its step is eta whatever gamma is: the heavy-ball form's eta / (1 - gamma) made the
   chunk-start gradient, repeated on repetitive text, overshoot and diverge (issue 18).

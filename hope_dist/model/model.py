@@ -1,4 +1,4 @@
-"""The HOPE network of HOPE_SPEC section 1; single-device code, parallelism is applied outside.
+"""The HOPE network of docs/model.md section 1; single-device code, parallelism is applied outside.
 
 Layers live in a ModuleDict keyed by their global index, so a pipeline stage that deletes the
 layers it does not own keeps the same parameter names (and checkpoints stay layout-free);
@@ -26,7 +26,7 @@ class Block(nn.Module):
         super().__init__()
         self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = AttentionMixer(cfg) if cfg.mixer == "attention" else MemoryMixer(cfg)
-        self.cms = CMS(cfg.d_model, cfg.cms, cfg.norm_eps)
+        self.cms = CMS(cfg)
 
     @torch.no_grad()
     def init_weights(self, init_std: float, out_std: float) -> None:
@@ -37,8 +37,12 @@ class Block(nn.Module):
             level.mlp.init_weights(init_std, out_std)
 
     def forward(self, x, segs=None, state=None, return_state=False):
+        """state: the mixer's state dict, plus the in-context CMS levels' states under "cms"."""
         y, new_state = self.mixer(self.mixer_norm(x), segs, state, return_state)
-        return self.cms(x + y), new_state
+        out, cms_state = self.cms(x + y, segs, state.get("cms") if state is not None else None)
+        if return_state and self.cms.in_context:
+            new_state = {**new_state, "cms": cms_state}
+        return out, new_state
 
 
 class HopeModel(nn.Module):

@@ -24,6 +24,8 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from hope_dist.clock import CMSClock
+from hope_dist.torch_compat import (fsdp_params, fsdp_reduce_now, fsdp_reduce_scatter_comm, fsdp_set_unreduced_grad,
+                                    fsdp_take_unreduced_grad, fsdp_unsharded_grad_zeros)
 
 
 class CountingReduceScatter:
@@ -83,31 +85,6 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh) -> dict[str, list[FSDPModule]
     return dict(units)
 
 
-def _param_groups(unit: FSDPModule):
-    return fully_shard.state(unit)._fsdp_param_groups
-
-
-def _local_zeros(fsdp_param) -> torch.Tensor:
-    """Zeros shaped like this rank's unsharded gradient of one parameter: the whole tensor over
-    dp, this rank's shard over tp (a DTensor on the tp mesh then, like FSDP's own gradient)."""
-    local = torch.zeros(fsdp_param._orig_size, dtype=torch.float32, device=fsdp_param.device)
-    if not fsdp_param.is_dtensor:
-        return local
-    spec = fsdp_param._unsharded_dtensor_spec
-    return DTensor.from_local(local, spec.mesh, spec.placements, run_check=False,
-                              shape=spec.shape, stride=spec.stride)
-
-
-def _take_pending(fsdp_param) -> torch.Tensor | None:
-    """This rank's unreduced gradient that FSDP accumulated since the last take; FSDP forgets it."""
-    if not hasattr(fsdp_param, "_unsharded_param"):  # no forward yet
-        return None
-    grads = [g for g in (fsdp_param.unsharded_accumulated_grad, fsdp_param._unsharded_param.grad) if g is not None]
-    fsdp_param.unsharded_accumulated_grad = None
-    fsdp_param._unsharded_param.grad = None
-    return sum(grads[1:], grads[0]) if grads else None
-
-
 class FSDPClockedSync:
     """Reduce the ticking units' window gradients once per tick; see the module docstring.
 
@@ -118,27 +95,25 @@ class FSDPClockedSync:
     def __init__(self, units: dict[str, list[FSDPModule]]):
         self.units = units
         self.fsdp_params = {id(fp.sharded_param): fp for group_units in units.values() for unit in group_units
-                            for group in _param_groups(unit) for fp in group.fsdp_params}
+                            for fp in fsdp_params(unit)}
 
     def attach(self, clock: CMSClock) -> None:
         """Size the clock's accumulators of clocked levels like this rank's unsharded gradients."""
         for g in clock.groups:
             if g.period > 1:
                 for name, p in g.params:
-                    clock.acc[name] = _local_zeros(self.fsdp_params[id(p)])
+                    clock.acc[name] = fsdp_unsharded_grad_zeros(self.fsdp_params[id(p)])
 
     def discard(self) -> None:
         """Drop this step's unreduced gradients (a skipped step); the clock's windows stay."""
         for fsdp_param in self.fsdp_params.values():
-            _take_pending(fsdp_param)
+            fsdp_take_unreduced_grad(fsdp_param)
 
     def _reduce_unit(self, unit: FSDPModule) -> int:
-        comm = _param_groups(unit)[0]._reduce_scatter_comm
+        comm = fsdp_reduce_scatter_comm(unit)
         before = comm.bytes
         unit.set_requires_gradient_sync(True, recurse=False)
-        for group in _param_groups(unit):
-            group.post_backward()
-            group.finalize_backward()
+        fsdp_reduce_now(unit)
         unit.set_requires_gradient_sync(False, recurse=False)
         return comm.bytes - before
 
@@ -151,11 +126,11 @@ class FSDPClockedSync:
                 continue
             for name, p in g.params:
                 fsdp_param, acc = self.fsdp_params[id(p)], clock.acc[name]
-                pending = _take_pending(fsdp_param)
+                pending = fsdp_take_unreduced_grad(fsdp_param)
                 if pending is not None:
                     acc.add_(pending)
                 if g.name in ticks:  # the window sum becomes the reduce-scatter input
-                    fsdp_param.unsharded_accumulated_grad = acc.clone()
+                    fsdp_set_unreduced_grad(fsdp_param, acc.clone())
                     acc.zero_()
         sent = {g.name: sum(self._reduce_unit(unit) for unit in self.units.get(g.name, [])) for g in ticking}
         return ticking, sent

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from hope_dist.config import ConfigError, ParallelConfig
+from hope_dist.torch_compat import flatten_mesh
 
 DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
@@ -69,4 +70,4 @@ def build_mesh(p: ParallelConfig, device_type: str) -> ParallelDims:
     if world == 1:
         return ParallelDims(p, None)
     mesh = init_device_mesh(device_type, (p.pp, p.dp_replicate, p.dp_shard, p.tp), mesh_dim_names=DIMS)
-    return ParallelDims(p, mesh, mesh["dp_replicate", "dp_shard"]._flatten("dp"))
+    return ParallelDims(p, mesh, flatten_mesh(mesh["dp_replicate", "dp_shard"], "dp"))

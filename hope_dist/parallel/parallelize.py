@@ -1,5 +1,6 @@
 """The one place that makes the single-device model run on a mesh, in torchtitan's order:
-pipeline stage split, then tensor parallel, then activation checkpointing, then FSDP2.
+pipeline stage split, then tensor parallel, then activation checkpointing, then FSDP2 (or, under
+parallel.engine=deepspeed, no sharding here: the trainer hands the model to DeepSpeed ZeRO).
 
 The model is built and initialised whole on every rank first (same seed, so every layout starts
 from the single-process weights); the split prunes it and TP keeps each rank's shards.
@@ -56,7 +57,10 @@ def parallelize(model: HopeModel, cfg: JobConfig, dims: ParallelDims, device: to
         apply_tp(model, tp_mesh)
     if p.activation_checkpoint:
         apply_activation_checkpointing(model)
-    if p.dp_shard > 1:
+    if p.engine == "deepspeed":  # ZeRO partitions over all dp ranks; clocked levels: BucketSync (deepspeed_engine.py)
+        lines.append(f"engine: deepspeed ZeRO-{p.zero_stage} over dp={dims.dp_size}")
+        sync = BucketSync(dims.group("dp"))
+    elif p.dp_shard > 1:
         fsdp_mesh = mesh["dp_replicate", "dp_shard"] if p.dp_replicate > 1 else mesh["dp_shard"]
         sync = FSDPClockedSync(apply_fsdp(model, fsdp_mesh))
     else:

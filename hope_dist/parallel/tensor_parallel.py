@@ -1,4 +1,4 @@
-"""Tensor parallelism by heads (HOPE_SPEC section 5), applied to the single-device model.
+"""Tensor parallelism by heads (docs/model.md section 5), applied to the single-device model.
 
 - Mixer: the input projections (a, q, g; titans also k, v and the eta/alpha rates) are
   column-parallel, so each rank gets whole heads; W_out is row-parallel. The memories' initial
@@ -6,7 +6,9 @@
   and the mixer computes with their local shards (`LocalShards`): the memory op sees plain
   tensors of this rank's heads, so the fast-weight state of a head lives on one rank and is
   never communicated.
-- CMS levels: gate/up column-parallel, down row-parallel.
+- CMS levels: gate/up column-parallel, down row-parallel. An in-context level's deviation of the
+  down projection is sharded like it (this rank's hidden columns): the op sums its products over
+  the tp group itself (kernels/cms_in_context/chunk.py).
 - Embedding and LM head vocab-parallel; the head returns this rank's logit columns and
   `vocab_parallel_loss` computes the cross-entropy over the vocabulary shards.
 - Every other parameter (the RMSNorms) becomes a Replicate DTensor used through its local
@@ -108,6 +110,8 @@ def apply_tp(model: nn.Module, mesh: DeviceMesh) -> None:
                          f"cms.levels.{i}.mlp.up": ColwiseParallel(),
                          f"cms.levels.{i}.mlp.down": RowwiseParallel()})
         parallelize_module(block, mesh, plan)
+        for level in block.cms.levels:
+            level.tp_group = mesh.get_group()
         if isinstance(block.mixer, MemoryMixer):
             _shard_memory_mixer(block.mixer, mesh)
         else:

@@ -1,9 +1,9 @@
-"""The HOPE memory op (HOPE_SPEC section 2): self-modifying Titans memories, read per token.
+"""The HOPE memory op (docs/model.md section 2): self-modifying Titans memories, read per token.
 
 Conventions this op fixes where the spec leaves them open (all paths follow them):
 - Memory order on the n_mem axis: (k, v, eta, alpha, o) for selfmod, (o,) for titans (types.py).
   A depth-1 memory is M(z) = W z (no residual); depth 2 is M(z) = z + W1 silu(W2 z).
-- l2norm(x) = x / sqrt(||x||^2 + 1e-6) (naive.l2norm), for the self-modifying k and v.
+- l2norm(x) = x / sqrt(||x||^2 + 1e-6) (common.l2norm), for the self-modifying k and v.
 - titans has no self-generated targets: vhat = v whatever `selfgen` says, and v keeps its gradient.
   With selfmod, `stopgrad_vhat` detaches only self-generated targets (selfgen=True).
 - gamma = sigmoid(params.gamma) is a constant per head; momenta start at 0 unless initial_state
@@ -13,7 +13,11 @@ Conventions this op fixes where the spec leaves them open (all paths follow them
   segment's length is a multiple of proj_chunk. The last chunk of a sequence may be short.
 - The PyTorch paths (naive, torch) compute in float32 for 16-bit inputs, outside autocast.
 - proj_chunk must be a multiple of chunk for titans too (where it has no other effect). Packed
-  documents (cu_seqlens) must be non-empty.
+  documents (cu_seqlens) must be non-empty, on every path.
+- Inputs are validated once, here, for every path (errors name the argument and the fix); the
+  paths themselves trust their arguments. impl="triton" adds its own limits to the same check: no
+  momentum, d_h and d_m powers of two >= 16, float32/bfloat16/float16 inputs, and at depth 2 the
+  gated W1 update (w1_delta=False).
 - The chunked path clamps alpha to the dtype's smallest normal number before taking its log, so
   alpha must be > 0 for it to match the reference exactly (sigmoid outputs are). The values of
   eta and alpha are not range-checked (that would need a device sync).
@@ -30,12 +34,14 @@ from __future__ import annotations
 import torch
 
 from .chunk_torch import chunk_torch_hope_memory
-from .naive import l2norm, naive_hope_memory
+from .common import l2norm
+from .naive import naive_hope_memory
 from .types import MEMORY_NAMES, MemoryParams, MemoryState
 
 __all__ = ["MEMORY_NAMES", "MemoryParams", "MemoryState", "hope_memory", "l2norm"]
 
 IMPLS = ("naive", "torch", "triton")
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def hope_memory(
@@ -88,7 +94,7 @@ def hope_memory(
     if impl == "triton":
         from .chunk import chunk_hope_memory
 
-        return chunk_hope_memory(q, params, **kwargs, cu_seqlens_cpu=cu_seqlens_cpu)
+        return chunk_hope_memory(q, params, **{n: x for n, x in kwargs.items() if n != "w1_delta"})
     if impl == "naive":
         kwargs["cu_seqlens"] = _host_offsets(cu_seqlens, cu_seqlens_cpu)
         return _run_torch(naive_hope_memory, q, params, {n: x for n, x in kwargs.items() if n != "max_seqlen"})
@@ -138,8 +144,9 @@ def _check_absent(name: str, x, why: str) -> None:
 
 def _check_inputs(q, params, a, k, v, eta, alpha, initial_state, cu_seqlens, cu_seqlens_cpu, max_seqlen,
                   chunk, proj_chunk, eta_max, impl, flags: dict) -> int | None:
-    """Every shape, dtype and flag combination, with errors naming the argument. Reads packed
-    offsets only on the host; returns max_seqlen (None without cu_seqlens)."""
+    """Every shape, dtype and flag combination, with errors naming the argument, and the limits of
+    the chosen impl: the one validation of the op, for every path. Reads packed offsets only on the
+    host; returns max_seqlen (None without cu_seqlens)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     for name, flag in flags.items():
@@ -221,7 +228,31 @@ def _check_inputs(q, params, a, k, v, eta, alpha, initial_state, cu_seqlens, cu_
         raise ValueError("cu_seqlens_cpu and max_seqlen go with cu_seqlens (packed input); it is None")
     if initial_state is not None:
         _check_state(initial_state, params, n_seq, q)
+    if impl == "triton":
+        _check_triton(q, params, flags["w1_delta"])
     return max_seqlen
+
+
+def _check_triton(q: torch.Tensor, params: MemoryParams, w1_delta: bool) -> None:
+    """The Triton kernels' own limits, on inputs that passed _check_inputs (so params and any
+    initial_state already agree with q and with each other)."""
+    if params.gamma is not None:
+        raise NotImplementedError(
+            "params.gamma is set (Titans momentum), which the Triton kernels do not implement: "
+            'call hope_memory(..., impl="torch") for momentum')
+    if q.dtype not in TRITON_DTYPES:
+        raise ValueError(f"q is {q.dtype}; the Triton kernels take float32, bfloat16 or float16: "
+                         'cast the inputs or use impl="torch"')
+    d_h = q.shape[-1]
+    d_m = d_h if params.w1 is None else params.w2.shape[2]
+    for name, d in (("d_h (q's last axis)", d_h), ("d_m (params.w2's third axis)", d_m)):
+        if d < 16 or d & (d - 1):
+            raise ValueError(f"{name} = {d}: the Triton kernels need a power of two >= 16; "
+                             'use impl="torch" for other sizes')
+    if params.w1 is not None and w1_delta:
+        raise NotImplementedError(
+            "W1's delta rule (w1_delta=True, the default) is not implemented in the Triton kernels yet: "
+            'call hope_memory(..., impl="torch"), or w1_delta=False for the gated update')
 
 
 def _check_state(state, params: MemoryParams, n_seq: int, q: torch.Tensor) -> None:

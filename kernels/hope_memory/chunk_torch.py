@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .naive import (L2NORM_EPS, heads_first, initial_memory_state, memory_forward, projections,
-                    tokens_first)
+from .common import (L2NORM_EPS, heads_first, initial_memory_state, memory_forward, projections,
+                     tokens_first)
 from .types import MemoryParams, MemoryState
 
 
@@ -225,7 +225,7 @@ def _pieces(x, size):
 
 def _chunked_sequences(q, a, k, v, eta, alpha, state: MemoryState, params: MemoryParams, valid,
                        chunk, proj_chunk, eta_max, selfgen, stopgrad_vhat, w1_delta):
-    """Sequences in the internal layout (naive.py), each starting at a chunk boundary; valid
+    """Sequences in the internal layout (common.py), each starting at a chunk boundary; valid
     (B, 1, 1, T) marks real tokens (None: all). Returns (o, final state).
 
     With chunk == proj_chunk (the default) and selfmod, the five memories share their chunk

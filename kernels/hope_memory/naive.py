@@ -1,40 +1,19 @@
-"""Per-token reference of the HOPE memory op (HOPE_SPEC section 2): the contract every faster path
-is tested against. A plain loop over tokens, batched only over sequences, memories and heads.
+"""Per-token reference of the HOPE memory op (docs/model.md section 2): the contract every faster
+path is tested against. A plain loop over tokens, batched only over sequences, memories and heads.
 
-It also holds the few definitions the faster paths share (the layout, l2norm, a memory's forward
-map, the rank-1 factors of its inner gradient, the self-modifying projections, the default initial
-state), so that each exists once. Internal layout: token tensors are (B, 1, H, T, ...) and states
-(B, n_mem, H, ., .), so one memory axis broadcasts over all memories.
+Self-contained except for common.py, which holds the definitions that are themselves part of the
+contract and that the chunked path shares (the internal layout, l2norm, a memory's forward map M(z),
+the self-modifying projections, the initial state). Everything else, the inner gradient and the
+update rule above all, is written out here, token by token. Internal layout: token tensors are
+(B, 1, H, T, ...) and states (B, n_mem, H, ., .), so one memory axis broadcasts over all memories.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from .common import heads_first, initial_memory_state, l2norm, memory_forward, projections, tokens_first
 from .types import MemoryParams, MemoryState
-
-L2NORM_EPS = 1e-6
-
-
-def heads_first(x: torch.Tensor | None) -> torch.Tensor | None:
-    """(B, T, H, ...) -> (B, 1, H, T, ...), the internal layout."""
-    return None if x is None else x.transpose(1, 2).unsqueeze(1)
-
-
-def tokens_first(x: torch.Tensor) -> torch.Tensor:
-    """(B, 1, H, T, ...) -> (B, T, H, ...), the public layout."""
-    return x.squeeze(1).transpose(1, 2)
-
-
-def l2norm(x: torch.Tensor) -> torch.Tensor:
-    """x / sqrt(||x||^2 + 1e-6) over the last axis: smooth at 0, so an all-zero input gives 0."""
-    return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + L2NORM_EPS)
-
-
-def memory_forward(w1: torch.Tensor | None, w2: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """M(z) = z + W1 silu(W2 z) (depth 2) or W2 z (depth 1, no residual), for rows z (..., T, d_h)."""
-    y = z @ w2.mT
-    return y if w1 is None else z + F.silu(y) @ w1.mT
 
 
 def _silu_grad(y: torch.Tensor) -> torch.Tensor:
@@ -51,26 +30,6 @@ def inner_grad_factors(w1, w2, k, vhat):
     h = F.silu(y)
     e = k + h @ w1.mT - vhat
     return (e @ w1) * _silu_grad(y), e, h
-
-
-def projections(w1, w2, a, params: MemoryParams, eta_max: float):
-    """k, v, eta, alpha of the self-modifying mixer from the projection memories (k, v, eta, alpha)
-    at their chunk-start state w1/w2 (B, 4, H, ., .); a (B, 1, H, T, d_h).
-    Returns k, v (B, 1, H, T, d_h) and eta, alpha (B, 1, H, T)."""
-    m = memory_forward(w1, w2, a)
-    k, v = l2norm(m[:, 0:1]), l2norm(m[:, 1:2])
-    eta = eta_max * torch.sigmoid((m[:, 2:3] * params.eta_w[:, None]).sum(-1) + params.eta_b[:, None])
-    alpha = torch.sigmoid((m[:, 3:4] * params.alpha_w[:, None]).sum(-1) + params.alpha_b[:, None])
-    return k, v, eta, alpha
-
-
-def initial_memory_state(params: MemoryParams, batch: int) -> MemoryState:
-    """The state a sequence (or document) starts from: the params' weights, zero momenta."""
-    w1 = None if params.w1 is None else params.w1.expand(batch, *params.w1.shape)
-    w2 = params.w2.expand(batch, *params.w2.shape)
-    if params.gamma is None:
-        return MemoryState(w1, w2)
-    return MemoryState(w1, w2, None if w1 is None else torch.zeros_like(w1), torch.zeros_like(w2))
 
 
 def _naive_sequences(q, a, k, v, eta, alpha, state, params, chunk, proj_chunk, eta_max, selfgen,

@@ -1,5 +1,5 @@
 """Forward kernel: the chunk-start reads of the four projection memories (k, v, eta, alpha of
-HOPE_SPEC section 2 step 3) for every token of one proj-chunk, in parallel over
+docs/model.md section 2.3) for every token of one proj-chunk, in parallel over
 (sub-chunk, document x head)."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Parameter and state containers of the HOPE memory op (HOPE_SPEC section 2).
+"""Parameter and state containers of the HOPE memory op (docs/model.md section 2).
 
 Memories are stacked on a leading `n_mem` axis: 5 for the self-modifying mixer, in the order
 (k, v, eta, alpha, o), and 1 for the `titans` mixer (o only). M_o is always the last one.
