@@ -59,8 +59,9 @@ ABLATIONS = {
                         ["--model.alpha_init=0.999"]),
     "hope-icms": ("in-context CMS (docs/cms_in_context.md): levels 0 and 1 (periods 1, 4) also learn in context "
                   "every 32 and 128 tokens", ["--model.cms_in_context=true",
-                                               "--model.cms=[{width: 128, period: 1, chunk: 32}, {width: 128, period: 4, "
-                                               "chunk: 128}, {width: 128, period: 16}, {width: 128, period: 64}]"]),
+                                               "--model.cms=[{width: 128, period: 1, chunk: 32}, "
+                                               "{width: 128, period: 4, chunk: 128}, {width: 128, period: 16}, "
+                                               "{width: 128, period: 64}]"]),
     "hope-m3": ("optimizer M3 (Nested Learning Alg. 1, docs/optim.md) instead of AdamW, at AdamW's lr",
                 ["--optim.name=m3"]),
     "hope-m3-lr1e-2": ("optimizer M3 at lr 1e-2 (Newton-Schulz updates take larger rates than AdamW's)",
@@ -118,7 +119,8 @@ def run_one(job: dict, args) -> dict:
     steps = cfg.training.steps
     rec = {**{k: job[k] for k in ("name", "kind", "model", "seed", "lr", "overrides")}, "size": args.size,
            "ablation": job.get("ablation"),
-           "steps": steps, "tokens": steps * tokens_per_step, "finished": code == 0 and (run_dir / "COMPLETE").is_file(),
+           "steps": steps, "tokens": steps * tokens_per_step,
+           "finished": code == 0 and (run_dir / "COMPLETE").is_file(),
            "train_wall_s": round(wall_s, 1), "train_cpu_s": round(cpu_s, 1),
            "val_curve": [[r["step"] * tokens_per_step, r["val_loss"]] for r in rows if "val_loss" in r],
            "train_loss_last20": statistics.fmean([r["loss"] for r in rows[-20:] if "loss" in r]) if rows else None,
@@ -286,9 +288,11 @@ def main_table(results: dict[str, dict], args, params: dict[str, int], seq: int)
         s = sums[m] = summarize(runs, seq)
         lines.append(
             f"| {LABELS[m]} | {params[m]:,} | {runs[0]['lr']:g} | {len(runs)} | {_mean_spread(s['ppl'], '.2f')} | "
-            f"{_mean_spread(s['loss'], '.4f')} | {_mean_spread(s['carry'], '.4f')} | {_mean_spread(s['reset'], '.4f')} | "
-            f"{_mean_spread(s['pk_in'], '.2f')} | {_mean_spread(s['pk_out'], '.2f')} | {_mean_spread(s['mq_in'], '.3f')} | "
-            f"{_mean_spread(s['mq_out'], '.3f')} | {_mean_spread(s['inner'], '.3g')} | {_mean_spread(s['fw'], '.3g')} | "
+            f"{_mean_spread(s['loss'], '.4f')} | {_mean_spread(s['carry'], '.4f')} | "
+            f"{_mean_spread(s['reset'], '.4f')} | {_mean_spread(s['pk_in'], '.2f')} | "
+            f"{_mean_spread(s['pk_out'], '.2f')} | {_mean_spread(s['mq_in'], '.3f')} | "
+            f"{_mean_spread(s['mq_out'], '.3f')} | {_mean_spread(s['inner'], '.3g')} | "
+            f"{_mean_spread(s['fw'], '.3g')} | "
             f"{runs[0]['tokens'] / 1e6:.2f}M | "
             f"{_mean_spread([w / 60 for w in s['wall']], '.1f')} | {_mean_spread([c / 60 for c in s['cpu']], '.1f')} |")
     return "\n".join(lines), sums
@@ -360,7 +364,8 @@ def plots(results: dict[str, dict], args, out_dir: Path) -> list[str]:
     for r in sorted(main, key=lambda r: (r["model"], r["seed"])):
         xs, ys = zip(*r["val_curve"]) if r["val_curve"] else ((), ())
         ax.plot([x / 1e6 for x in xs], ys, color=COLORS[r["model"]], alpha=0.8,
-                label=LABELS[r["model"]] if r["seed"] == min(q["seed"] for q in main if q["model"] == r["model"]) else None)
+                label=LABELS[r["model"]] if r["seed"] == min(q["seed"] for q in main if q["model"] == r["model"])
+                else None)
     for r in (r for r in results.values() if r["kind"] == "main" and not r["finished"]):
         pts = [(x / 1e6, y) for x, y in r["val_curve"] if y == y]  # a diverged run: dotted, up to its last finite loss
         if pts:
@@ -391,7 +396,8 @@ def plots(results: dict[str, dict], args, out_dir: Path) -> list[str]:
         pk = ev.get("passkey")
         if pk:
             xs = [r["length"] for r in pk["by_length"]]
-            ys = [statistics.fmean(q["eval"]["passkey"]["by_length"][i]["accuracy"] for q in runs) for i in range(len(xs))]
+            ys = [statistics.fmean(q["eval"]["passkey"]["by_length"][i]["accuracy"] for q in runs)
+                  for i in range(len(xs))]
             axes[1].plot(xs, ys, color=COLORS[m], marker="o", label=LABELS[m])
         mq = ev.get("mqar")
         if mq:
@@ -437,7 +443,8 @@ def report(args) -> None:
         "### HOPE ablations (seed 0)", ablation_table(results, seq),
         "\n".join(f"![{p}](quality/{p})" for p in pngs),
         END])
-    text = args.out.read_text() if args.out.is_file() else f"# Quality: HOPE vs Titans vs Transformer++\n\n{BEGIN}\n{END}\n"
+    text = (args.out.read_text() if args.out.is_file()
+            else f"# Quality: HOPE vs Titans vs Transformer++\n\n{BEGIN}\n{END}\n")
     head, _, rest = text.partition(BEGIN)
     _, _, tail = rest.partition(END)
     args.out.write_text(head + body + tail)

@@ -252,7 +252,8 @@ def test_tp2_and_pp2_match_single_process(random_dataset, tmp_path):
 @pytest.mark.parametrize("args,words", [
     (["--model.cms=[{width: 32, period: 1, chunk: 12}]", "--model.cms_in_context=true"],
      "model.cms[0].chunk=12 does not divide training.seq_len=32"),
-    (["--model.cms=[{width: 32, period: 1, chunk: -8}]", "--model.cms_in_context=true"], "model.cms[0].chunk=-8 must be >= 0"),
+    (["--model.cms=[{width: 32, period: 1, chunk: -8}]", "--model.cms_in_context=true"],
+     "model.cms[0].chunk=-8 must be >= 0"),
     (["--model.cms=[{width: 32, period: 1}, {width: 32, period: 1, chunk: 8}]"],
      "model.cms[1].chunk=8 is set but model.cms_in_context=false"),
     (["--model.cms_in_context=true"], "model.cms_in_context=true but every model.cms[i].chunk is 0"),
