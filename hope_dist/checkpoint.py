@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.staging import AsyncStager
 
 from hope_dist.config import CheckpointConfig, ModelConfig
-from hope_dist.deadline import deadline
+from hope_dist.deadline import group_construction
 from hope_dist.errors import UserError
 from hope_dist.torch_compat import CompanionMismatch, copy_state_dict, create_cpu_state_dict, skip_sync_after_stage
 
@@ -375,7 +375,7 @@ class Checkpointer:
         timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
         self._pg = None
         if cfg.async_save and dist.is_initialized():
-            with deadline(2 * (timeout_s or 1800) + 30, "the async-save gloo group's construction"):
+            with group_construction(timeout_s, "the async-save gloo group's construction"):
                 self._pg = dist.new_group(backend="gloo", timeout=timeout)
 
     def path(self, step: int) -> Path:

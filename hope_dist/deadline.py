@@ -36,3 +36,9 @@ def deadline(seconds: float, what: str) -> Iterator[None]:
         yield
     finally:
         done.set()
+
+
+def group_construction(timeout_s: float | None, what: str):
+    """The deadline for building a process group whose collectives time out after `timeout_s`
+    (None: torch's 30-minute default): gloo's own connect timeout gets its chance first."""
+    return deadline(2 * (timeout_s or 1800) + 30, what)

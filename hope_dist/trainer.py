@@ -35,7 +35,7 @@ from hope_dist.clock import CMSClock, build_clock_groups
 from hope_dist.config import JobConfig, OptimConfig
 from hope_dist.data import build_train_stream
 from hope_dist.data.validation import build_validation_set
-from hope_dist.deadline import deadline
+from hope_dist.deadline import group_construction
 from hope_dist.errors import DataError
 from hope_dist.metrics import MetricsLogger
 from hope_dist.model import build_model, count_parameters, document_segments
@@ -161,7 +161,7 @@ class Trainer:
         if world > 1 and backend == "nccl":
             torch.cuda.set_device(self.local_rank)
         # gloo's own connect timeout is timeout_s; the deadline catches the hangs past it (hope_dist/deadline.py)
-        with deadline(2 * self.cfg.parallel.timeout_s + 30, "process group and device mesh construction"):
+        with group_construction(self.cfg.parallel.timeout_s, "process group and device mesh construction"):
             if world > 1 and not dist.is_initialized():
                 init_default_group(backend, self.cfg.parallel.timeout_s)
             self.dims = build_mesh(self.cfg.parallel, "cuda" if torch.cuda.is_available() else "cpu")
@@ -185,13 +185,28 @@ class Trainer:
         """The full training state as a DCP state dict. Rank-specific entries are keyed by rank
         (DCP dedups replicated entries by key); the LR schedule is a function of the step."""
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=OPTIM_BY_NAME)
+        return {"model": model_sd, "optim": optim_sd,
+                "clock": {f"dp{self.dp_rank}": self.clock.state_dict()},
+                "rng": {f"rank{self.rank}": self._rng_state()}, "train": self._train_state()}
+
+    def _rng_state(self) -> dict[str, torch.Tensor]:
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {"model": model_sd, "optim": optim_sd,
-                "clock": {f"dp{self.dp_rank}": self.clock.state_dict()},
-                "rng": {f"rank{self.rank}": rng},
-                "train": {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.data.state_dict()}}
+        return rng
+
+    def _load_rng_state(self, rng: dict[str, torch.Tensor]) -> None:
+        torch.set_rng_state(rng["cpu"].cpu())
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"].cpu(), self.device)
+
+    def _train_state(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.data.state_dict()}
+
+    def _load_train_state(self, train: dict) -> None:
+        self.step = int(train["step"])
+        self.tokens_seen = int(train["tokens_seen"])
+        self.data.load_state_dict(train["data"])
 
     def _meta(self) -> dict:
         """meta.json of a checkpoint of this step (hope_dist.checkpoint)."""
@@ -241,13 +256,8 @@ class Trainer:
         self.clock.load_state_dict(saved_clock[self.dp_rank] if saved_dp == self.dp_size
                                    else clock_for_dp_rank(saved_clock, self.dp_rank))
         if has_rng:
-            rng = state["rng"][f"rank{self.rank}"]
-            torch.set_rng_state(rng["cpu"])
-            if "cuda" in rng and self.device.type == "cuda":
-                torch.cuda.set_rng_state(rng["cuda"], self.device)
-        self.step = int(state["train"]["step"])
-        self.tokens_seen = int(state["train"]["tokens_seen"])
-        self.data.load_state_dict(state["train"]["data"])
+            self._load_rng_state(state["rng"][f"rank{self.rank}"])
+        self._load_train_state(state["train"])
         if self.rank == 0:
             layout = f" (saved under dp={saved_dp}, now dp={self.dp_size})" if saved_dp != self.dp_size else ""
             log.info("resumed from %s at step %d%s", path, self.step, layout)

@@ -163,12 +163,9 @@ class DeepSpeedTrainer(Trainer):
 
     # ------------------------------------------------------------------ checkpoints
     def _local_state(self) -> dict:
-        rng = {"cpu": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {"clock": self.clock.state_dict(), "rng": rng,
+        return {"clock": self.clock.state_dict(), "rng": self._rng_state(),
                 "optim": self.optimizer.state_dict() if self.optimizer is not None else None,
-                "train": {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.data.state_dict()}}
+                "train": self._train_state()}
 
     def save(self, skippable: bool = False) -> Path:
         """DeepSpeed's save_checkpoint into step-N/, this rank's hope_rank{r}.pt, then the commit."""
@@ -208,11 +205,7 @@ class DeepSpeedTrainer(Trainer):
         self.clock.load_state_dict(state["clock"])
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optim"])
-        torch.set_rng_state(state["rng"]["cpu"].cpu())
-        if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
-        self.step = int(state["train"]["step"])
-        self.tokens_seen = int(state["train"]["tokens_seen"])
-        self.data.load_state_dict(state["train"]["data"])
+        self._load_rng_state(state["rng"])
+        self._load_train_state(state["train"])
         if self.rank == 0:
             log.info("resumed from %s at step %d (deepspeed)", path, self.step)
