@@ -20,7 +20,7 @@ from hope_dist.config import load_config  # noqa: E402
 from kernels.cms_in_context import cms_in_context  # noqa: E402
 
 
-def saved_bytes(T: int, f: int, d: int, chunk: int, stopgrad: bool) -> int:
+def saved_bytes(T: int, f: int, d: int, chunk_size: int, stopgrad: bool) -> int:
     h = torch.randn(1, T, f, requires_grad=True)
     z = torch.randn(1, T, d, requires_grad=True)
     w = (0.02 * torch.randn(d, f)).requires_grad_(True)
@@ -32,7 +32,7 @@ def saved_bytes(T: int, f: int, d: int, chunk: int, stopgrad: bool) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        cms_in_context(h, y_slow, z, chunk=chunk, lr=0.1, stopgrad_writes=stopgrad)
+        cms_in_context(h, y_slow, z, chunk_size=chunk_size, lr=0.1, stopgrad_writes=stopgrad)
     kept_anyway = {x.untyped_storage().data_ptr() for x in (h, z, y_slow)}
     return sum(n for ptr, n in seen.items() if ptr not in kept_anyway)
 
@@ -47,10 +47,10 @@ def main() -> None:
     print(f"d={d} f={f} T={T} layers={layers}; dense state d*f*4 = {d * f * 4 / 2**20:.2f} MiB")
     print("| chunk | stop-grad writes | extra per level-layer | per sequence (all layers) |")
     print("|---:|---|---:|---:|")
-    for chunk in args.chunks:
+    for chunk_size in args.chunks:
         for stopgrad in (False, True):
-            b = saved_bytes(T, f, d, chunk, stopgrad)
-            print(f"| {chunk} | {stopgrad} | {b / 2**20:.0f} MiB | {layers * b / 2**30:.2f} GiB |", flush=True)
+            b = saved_bytes(T, f, d, chunk_size, stopgrad)
+            print(f"| {chunk_size} | {stopgrad} | {b / 2**20:.0f} MiB | {layers * b / 2**30:.2f} GiB |", flush=True)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ D_MODEL, HEADS, LAYERS, VOCAB = 256, 4, 2, 4096
 HOPE_CMS = [(160, 1), (160, 4), (160, 16), (160, 64)]  # (width, period): ~2.5 d in all, as hope_760m
 
 
-def model_config(name: str, width: int | None = None, chunk: int = 64, proj_chunk: int = 64):
+def model_config(name: str, width: int | None = None, chunk_size: int = 64, proj_chunk_size: int = 64):
     """ModelConfig of one benchmark model; `width` overrides the first CMS level's width."""
     from hope_dist.config import CMSLevel, ModelConfig
 
@@ -57,7 +57,7 @@ def model_config(name: str, width: int | None = None, chunk: int = 64, proj_chun
     if width is not None and name != "transformer":
         levels[0] = (width, levels[0][1])
     return ModelConfig(vocab_size=VOCAB, d_model=D_MODEL, n_heads=HEADS, n_layers=LAYERS, mixer=mixer,
-                       chunk=chunk, proj_chunk=proj_chunk, cms=[CMSLevel(w, p) for w, p in levels])
+                       chunk_size=chunk_size, proj_chunk_size=proj_chunk_size, cms=[CMSLevel(w, p) for w, p in levels])
 
 
 def count(cfg) -> int:
@@ -69,16 +69,16 @@ def count(cfg) -> int:
         return count_parameters(HopeModel(cfg))["total"]
 
 
-def matched_configs(chunk: int, proj_chunk: int) -> dict:
+def matched_configs(chunk_size: int, proj_chunk_size: int) -> dict:
     """HOPE as given; Titans' first CMS level and Transformer++'s single level widened to match it."""
-    target = count(model_config("hope", chunk=chunk, proj_chunk=proj_chunk))
-    cfgs = {"hope": model_config("hope", chunk=chunk, proj_chunk=proj_chunk)}
+    target = count(model_config("hope", chunk_size=chunk_size, proj_chunk_size=proj_chunk_size))
+    cfgs = {"hope": model_config("hope", chunk_size=chunk_size, proj_chunk_size=proj_chunk_size)}
     cfgs["hope_rc"] = cfgs["hope"]
     for name in ("titans", "transformer"):
-        base = count(model_config(name, 1, chunk, proj_chunk))
-        per_unit = count(model_config(name, 2, chunk, proj_chunk)) - base  # parameters per unit of width
+        base = count(model_config(name, 1, chunk_size, proj_chunk_size))
+        per_unit = count(model_config(name, 2, chunk_size, proj_chunk_size)) - base  # parameters per unit of width
         width = 1 + round((target - base) / per_unit)
-        cfgs[name] = model_config(name, width, chunk, proj_chunk)
+        cfgs[name] = model_config(name, width, chunk_size, proj_chunk_size)
     return cfgs
 
 
@@ -117,7 +117,7 @@ def run_one(args) -> dict:
     chunk_torch.RECOMPUTE = args.model == "hope_rc"
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = matched_configs(args.chunk, args.proj_chunk)[args.model]
+    cfg = matched_configs(args.chunk_size, args.proj_chunk_size)[args.model]
     model = build_model(cfg)
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
@@ -185,8 +185,8 @@ def sweep(args) -> list[dict]:
                 memory_only = kind == "batch1" or model == "hope_rc"
                 extra = [*extra, *(["--steps", "0", "--warmup", "1"] if memory_only else timed)]
                 cmd = [sys.executable, __file__, "--one", "--model", model, "--context", str(context),
-                       "--tokens", str(args.tokens), "--threads", str(args.threads), "--chunk", str(args.chunk),
-                       "--proj-chunk", str(args.proj_chunk), *extra]
+                       "--tokens", str(args.tokens), "--threads", str(args.threads),
+                       "--chunk-size", str(args.chunk_size), "--proj-chunk-size", str(args.proj_chunk_size), *extra]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
                 row = json.loads(out.strip().splitlines()[-1])
                 row["pass"] = kind
@@ -268,8 +268,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=2, help="timed steps per (model, context)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--chunk", type=int, default=64)
-    p.add_argument("--proj-chunk", type=int, default=64)
+    p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--proj-chunk-size", type=int, default=64)
     p.add_argument("--no-mem-batch1", dest="mem_batch1", action="store_false",
                    help="skip the batch-1 memory pass")
     p.add_argument("--out-dir", type=Path, default=ROOT / "docs")
@@ -285,7 +285,7 @@ def main(argv=None) -> None:
     if args.one:
         print(json.dumps(run_one(args)))
         return
-    cfgs = matched_configs(args.chunk, args.proj_chunk)
+    cfgs = matched_configs(args.chunk_size, args.proj_chunk_size)
     for name, cfg in cfgs.items():
         print(f"{LABELS[name]}: {count(cfg):,} parameters, CMS {[(lvl.width, lvl.period) for lvl in cfg.cms]}")
     t0, c0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)

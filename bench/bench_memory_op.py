@@ -53,7 +53,7 @@ def time_impl(impl: str, args, inputs) -> float:
     times = []
     for i in range(args.warmup + args.repeats):
         start = clock()
-        o, _ = hope_memory(q, params, a=a, chunk=args.chunk, proj_chunk=args.proj_chunk, impl=impl)
+        o, _ = hope_memory(q, params, a=a, chunk_size=args.chunk_size, proj_chunk_size=args.proj_chunk_size, impl=impl)
         torch.autograd.grad((o * d_out).sum(), leaves)
         if i >= args.warmup:
             times.append(clock() - start)
@@ -65,7 +65,8 @@ def counted_flops(args, inputs) -> int:
     q, a, params, leaves = inputs
     counter = FlopCounterMode(display=False)
     with counter:
-        o, _ = hope_memory(q, params, a=a, chunk=args.chunk, proj_chunk=args.proj_chunk, impl="torch")
+        o, _ = hope_memory(q, params, a=a, chunk_size=args.chunk_size, proj_chunk_size=args.proj_chunk_size,
+                           impl="torch")
         torch.autograd.grad(o.sum(), leaves)
     return counter.get_total_flops()
 
@@ -89,8 +90,8 @@ def matmul_peak(args, dtype) -> tuple[float, float]:
         calls = max(1, (1024 // n) ** 3)
         best = max(best, rate(lambda: [x @ y for _ in range(calls)], 2 * n ** 3 * calls))
     batch, d = args.batch * 5 * args.heads, args.d_h
-    x, y = torch.randn(batch, args.chunk, d, dtype=dtype), torch.randn(batch, d, d, dtype=dtype)
-    return best, rate(lambda: torch.bmm(x, y), 2 * batch * args.chunk * d * d)
+    x, y = torch.randn(batch, args.chunk_size, d, dtype=dtype), torch.randn(batch, d, d, dtype=dtype)
+    return best, rate(lambda: torch.bmm(x, y), 2 * batch * args.chunk_size * d * d)
 
 
 def main() -> None:
@@ -100,8 +101,8 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--d-h", type=int, default=32)
     parser.add_argument("--d-m", type=int, default=0, help="memory hidden width (0: d_h)")
-    parser.add_argument("--chunk", type=int, default=64)
-    parser.add_argument("--proj-chunk", type=int, default=64)
+    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--proj-chunk-size", type=int, default=64)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--momentum", action="store_true", help="Titans momentum on")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -121,15 +122,15 @@ def main() -> None:
     flops = counted_flops(args, inputs)
     naive = None if args.skip_naive else time_impl("naive", args, inputs)
     unit = "CPU s" if args.cpu_time else "s"
-    columns = ["B", "T", "H", "d_h", "d_m", "chunk", "proj_chunk", "dtype", "momentum", "threads",
+    columns = ["B", "T", "H", "d_h", "d_m", "chunk_size", "proj_chunk_size", "dtype", "momentum", "threads",
                f"naive fwd+bwd ({unit})", f"chunked fwd+bwd ({unit})", "speed-up", "counted GFLOP",
                "chunked GFLOP/s", "mm peak GFLOP/s", "% of mm peak", "bmm at tile size GFLOP/s"]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     naive_s = "-" if naive is None else f"{naive:.3f}"
     speedup = "-" if naive is None else f"{naive / chunked:.1f}x"
-    print(f"| {args.batch} | {args.seq} | {args.heads} | {args.d_h} | {args.d_m or args.d_h} | {args.chunk} | "
-          f"{args.proj_chunk} | {args.dtype} | {args.momentum} | {torch.get_num_threads()} | {naive_s} | "
+    print(f"| {args.batch} | {args.seq} | {args.heads} | {args.d_h} | {args.d_m or args.d_h} | {args.chunk_size} | "
+          f"{args.proj_chunk_size} | {args.dtype} | {args.momentum} | {torch.get_num_threads()} | {naive_s} | "
           f"{chunked:.3f} | {speedup} | {flops / 1e9:.2f} | {flops / chunked / 1e9:.1f} | {peak / 1e9:.1f} | "
           f"**{100 * flops / chunked / peak:.0f}%** | {tile / 1e9:.1f} |")
 

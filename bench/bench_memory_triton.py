@@ -1,7 +1,7 @@
 """GPU benchmark of the Triton HOPE memory op (kernels/hope_memory/chunk.py).
 
 For each shape (B, T, H, d_h) it times forward + backward of the Triton path and of the chunked
-PyTorch path (bf16 inputs, selfmod, depth 2, chunk = proj_chunk = 64), reports the Triton
+PyTorch path (bf16 inputs, selfmod, depth 2, chunk_size = proj_chunk_size = 64), reports the Triton
 path's fraction of the roofline (model FLOPs and HBM bytes below, against the device peaks),
 flash-linear-attention's chunk_gated_delta_rule at the same shape when `fla` is installed, and
 end-to-end training tokens/s of a small HOPE model with each kernel. Prints a markdown table
@@ -39,8 +39,8 @@ PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12), "A100": (312e12, 2
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="8x4096x16x64,2x16384x16x64", help="comma-separated BxTxHxD")
-    p.add_argument("--chunk", type=int, default=64)
-    p.add_argument("--proj-chunk", type=int, default=64)
+    p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--proj-chunk-size", type=int, default=64)
     p.add_argument("--variant", choices=("selfmod", "titans"), default="selfmod")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions (median reported)")
     p.add_argument("--skip-torch", action="store_true", help="skip the chunked PyTorch path")
@@ -105,14 +105,15 @@ def _gated_w1(fn_or_cfg):
     return {"w1_delta": False} if "w1_delta" in inspect.signature(fn_or_cfg).parameters else {}
 
 
-def op_step(impl, q, params, inputs, leaves, chunk, proj_chunk):
+def op_step(impl, q, params, inputs, leaves, chunk_size, proj_chunk_size):
     """One forward + backward of the memory op."""
     from kernels.hope_memory import hope_memory
 
     extra = _gated_w1(hope_memory)
 
     def step():
-        o, _ = hope_memory(q, params, **inputs, chunk=chunk, proj_chunk=proj_chunk, impl=impl, **extra)
+        o, _ = hope_memory(q, params, **inputs, chunk_size=chunk_size, proj_chunk_size=proj_chunk_size, impl=impl,
+                           **extra)
         torch.autograd.grad(o.float().square().sum(), leaves)
     return step
 
@@ -138,18 +139,18 @@ def chunk_cost(C, D, n_mem=5, in_bytes=2):
     return 2 * fwd, 2 * bwd, fwd_bytes, bwd_bytes
 
 
-def model_flops_and_bytes(B, T, H, D, n_mem, chunk, in_bytes=2):
+def model_flops_and_bytes(B, T, H, D, n_mem, chunk_size, in_bytes=2):
     """fwd+bwd FLOPs and HBM bytes of one call at (B, T, H, D) from chunk_cost."""
-    f, b, fb, bb = chunk_cost(chunk, D, n_mem, in_bytes)
-    n = B * H * -(-T // chunk)
+    f, b, fb, bb = chunk_cost(chunk_size, D, n_mem, in_bytes)
+    n = B * H * -(-T // chunk_size)
     return n * (f + b), n * (fb + bb)
 
 
 def paper(args) -> str:
     """The per-chunk model, the two shapes' totals and their H100 roofline, as markdown."""
     peak, bw = PEAKS["H100"]
-    f, b, fb, bb = chunk_cost(args.chunk, 64)
-    lines = [f"Per chunk (C = {args.chunk}) and head, d_h = d_m = 64, selfmod depth 2, bf16 inputs:",
+    f, b, fb, bb = chunk_cost(args.chunk_size, 64)
+    lines = [f"Per chunk (C = {args.chunk_size}) and head, d_h = d_m = 64, selfmod depth 2, bf16 inputs:",
              "", "| pass | MFLOP | MB moved | FLOP/byte |", "|---|---:|---:|---:|",
              f"| forward | {f / 1e6:.1f} | {fb / 1e6:.3f} | {f / fb:.0f} |",
              f"| backward (with state recomputation) | {b / 1e6:.1f} | {bb / 1e6:.3f} | {b / bb:.0f} |",
@@ -158,12 +159,12 @@ def paper(args) -> str:
              "| bwd roofline (ms) | bound | sequential steps |", "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for shape in args.shapes.split(","):
         B, T, H, D = map(int, shape.split("x"))
-        n = B * H * -(-T // args.chunk)
-        f, b, fb, bb = chunk_cost(args.chunk, D)
+        n = B * H * -(-T // args.chunk_size)
+        f, b, fb, bb = chunk_cost(args.chunk_size, D)
         tf, tb = max(n * f / peak, n * fb / bw), max(n * b / peak, n * bb / bw)
         bound = "memory" if n * fb / bw > n * f / peak else "compute"
         lines.append(f"| ({B}, {T}, {H}, {D}) | {n} | {n * f / 1e9:.0f} | {n * fb / 1e9:.2f} | {n * b / 1e9:.0f} | "
-                     f"{n * bb / 1e9:.2f} | {1e3 * tf:.2f} | {1e3 * tb:.2f} | {bound} | {-(-T // args.chunk)} |")
+                     f"{n * bb / 1e9:.2f} | {1e3 * tf:.2f} | {1e3 * tb:.2f} | {bound} | {-(-T // args.chunk_size)} |")
     return "\n".join(lines)
 
 
@@ -249,12 +250,12 @@ def run(args) -> list[dict]:
     for shape in shapes.split(","):
         B, T, H, D = map(int, shape.split("x"))
         n_mem = 5 if args.variant == "selfmod" else 1
-        row = {"device": name, "shape": [B, T, H, D], "variant": args.variant, "chunk": args.chunk}
+        row = {"device": name, "shape": [B, T, H, D], "variant": args.variant, "chunk_size": args.chunk_size}
         q, params, inputs, leaves = make_inputs(B, T, H, D, args.variant, device)
-        step = {impl: op_step(impl, q, params, inputs, leaves, args.chunk, args.proj_chunk)
+        step = {impl: op_step(impl, q, params, inputs, leaves, args.chunk_size, args.proj_chunk_size)
                 for impl in ("triton", "torch")}
         row["triton_ms"] = 1e3 * timed(step["triton"], args.reps)
-        flops, hbm = model_flops_and_bytes(B, T, H, D, n_mem, args.chunk)
+        flops, hbm = model_flops_and_bytes(B, T, H, D, n_mem, args.chunk_size)
         row["roofline_fraction"] = max(flops / peak_flops, hbm / peak_bw) / (row["triton_ms"] / 1e3)
         row["tflops"] = flops / (row["triton_ms"] / 1e3) / 1e12
         if not args.skip_torch:
@@ -280,7 +281,8 @@ def markdown(results: list[dict]) -> str:
             return "x".join(map(str, v))
         return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
 
-    lines = [f"device: {results[0]['device']}, variant: {results[0]['variant']}, chunk: {results[0]['chunk']}",
+    first = results[0]
+    lines = [f"device: {first['device']}, variant: {first['variant']}, chunk_size: {first['chunk_size']}",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in results]
     return "\n".join(lines)

@@ -29,7 +29,7 @@ from bench_parallel_layouts import write_dataset  # noqa: E402
 
 LINK = ROOT / "bench" / "netns_link.sh"
 MODEL = {"model.vocab_size": 256, "model.d_model": 256, "model.n_layers": 2, "model.n_heads": 4,
-         "model.chunk": 32, "model.proj_chunk": 32, "training.seq_len": 32, "training.micro_batch": 1,
+         "model.chunk_size": 32, "model.proj_chunk_size": 32, "training.seq_len": 32, "training.micro_batch": 1,
          "optim.warmup_steps": 4}
 
 

@@ -27,11 +27,11 @@ sys.path.insert(0, str(ROOT))
 
 SIZES = {  # model + batch overrides; 50m: d 512, 8 layers, 4 CMS levels of width 640, 8k vocab (51M)
     "tiny": {"model.vocab_size": 512, "model.d_model": 64, "model.n_layers": 2, "model.n_heads": 4,
-             "model.chunk": 16, "model.proj_chunk": 32, "training.seq_len": 128,
+             "model.chunk_size": 16, "model.proj_chunk_size": 32, "training.seq_len": 128,
              "model.cms": "[{width: 64, period: 1}, {width: 64, period: 4}, {width: 64, period: 16}, "
                           "{width: 64, period: 64}]"},
     "50m": {"model.vocab_size": 8192, "model.d_model": 512, "model.n_layers": 8, "model.n_heads": 8,
-            "model.chunk": 32, "model.proj_chunk": 64, "training.seq_len": 64,
+            "model.chunk_size": 32, "model.proj_chunk_size": 64, "training.seq_len": 64,
             "model.cms": "[{width: 640, period: 1}, {width: 640, period: 4}, {width: 640, period: 16}, "
                          "{width: 640, period: 64}]"},
 }
@@ -83,7 +83,7 @@ def run_layout(size: str, dp: int, tp: int, pp: int, steps: int, data: Path, voc
                      "metrics.wandb": False, "metrics.progress": False, "checkpoint.interval": 0,
                      "training.global_batch": 4, "training.micro_batch": 2 if dp * 2 <= 4 else 1,
                      "parallel.dp_shard": dp, "parallel.tp": tp, "parallel.pp": pp,
-                     "parallel.microbatches": 2 if pp > 1 else 1, **SIZES[size], **ENGINES[engine]}
+                     "parallel.pp_microbatches": 2 if pp > 1 else 1, **SIZES[size], **ENGINES[engine]}
         if pp > 1:
             overrides["training.micro_batch"] = 2
         job = [f"--{k}={v}" for k, v in overrides.items()]

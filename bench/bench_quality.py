@@ -47,7 +47,7 @@ ABLATIONS = {
     "hope-p1": ("CMS clocks off: all four levels of period 1",
                 ["--model.cms=[{width: 128, period: 1}, {width: 128, period: 1}, {width: 128, period: 1}, "
                  "{width: 128, period: 1}]"]),
-    "hope-chunk16": ("memory chunk 16 instead of 64 (finer in-context updates)", ["--model.chunk=16"]),
+    "hope-chunk16": ("memory chunk 16 instead of 64 (finer in-context updates)", ["--model.chunk_size=16"]),
     "hope-eta0.1": ("inner learning rate capped at 0.1 instead of 1.0", ["--model.eta_max=0.1"]),
     "hope-no-selfgen": ("values from a projection, not self-generated", ["--model.selfgen_values=false"]),
     "hope-grad-vhat": ("outer gradients through the self-generated values", ["--model.stopgrad_vhat=false"]),
@@ -59,8 +59,8 @@ ABLATIONS = {
                         ["--model.alpha_init=0.999"]),
     "hope-icms": ("in-context CMS (docs/cms_in_context.md): levels 0 and 1 (periods 1, 4) also learn in context "
                   "every 32 and 128 tokens", ["--model.cms_in_context=true",
-                                               "--model.cms=[{width: 128, period: 1, chunk: 32}, "
-                                               "{width: 128, period: 4, chunk: 128}, {width: 128, period: 16}, "
+                                               "--model.cms=[{width: 128, period: 1, chunk_size: 32}, "
+                                               "{width: 128, period: 4, chunk_size: 128}, {width: 128, period: 16}, "
                                                "{width: 128, period: 64}]"]),
     "hope-m3": ("optimizer M3 (Nested Learning Alg. 1, docs/optim.md) instead of AdamW, at AdamW's lr",
                 ["--optim.name=m3"]),

@@ -54,7 +54,8 @@ SLOWEST_PERIOD = 8
 
 def overrides(run_dir: Path, layout: str, steps: int, interval: int, timeout_s: float, async_save: bool) -> list[str]:
     """configs/tiny.yaml shrunk to a few hundred CPU steps a minute; every checkpoint is kept."""
-    o = {"run_dir": run_dir, "model.d_model": 32, "model.n_heads": 2, "model.chunk": 16, "model.proj_chunk": 32,
+    o = {"run_dir": run_dir, "model.d_model": 32, "model.n_heads": 2, "model.chunk_size": 16,
+         "model.proj_chunk_size": 32,
          "model.cms": f"[{{width: 32, period: 1}}, {{width: 32, period: 2}}, {{width: 32, period: {SLOWEST_PERIOD}}}]",
          "training.seq_len": 64, "training.global_batch": 4, "training.micro_batch": 2, "training.steps": steps,
          "optim.warmup_steps": 5, "eval.every": 0, "data.valid_fraction": 0, "metrics.wandb": False,
@@ -120,8 +121,8 @@ class Run:
         if metrics.exists():
             with open(metrics) as f:
                 f.seek(self._metrics_at)
-                chunk = f.read()
-            complete = chunk[:chunk.rfind("\n") + 1]
+                text = f.read()
+            complete = text[:text.rfind("\n") + 1]
             self._metrics_at += len(complete)
             self.rows += [json.loads(line) for line in complete.splitlines()]
         with open(self.log, errors="replace") as f:

@@ -150,7 +150,7 @@ def model_sizes(config: str | None, overrides: tuple[str, ...] = ()) -> Sizes:
         op_flops, op_bytes, op_saved, fwd_share = 7 * T * m.d_model, 0.0, 0.0, 2 / 7
     else:  # the Triton kernels' numbers (docs/triton.md); they save per chunk and head every
         # memory's chunk-end state and k, v, eta, alpha (float32), and q, a, o (bf16)
-        n_mem, C, D = (5 if m.mixer == "selfmod" else 1), m.chunk, m.head_dim
+        n_mem, C, D = (5 if m.mixer == "selfmod" else 1), m.chunk_size, m.head_dim
         f, b = model_flops_and_bytes(1, T, m.n_heads, D, n_mem, C)
         op_flops, op_bytes = f / T, b / T
         _, _, fwd_bytes, bwd_bytes = chunk_cost(C, D, n_mem)
@@ -189,7 +189,7 @@ def measure_activations(config: str | None, overrides: tuple[str, ...] = ()) -> 
     from hope_dist.model import HopeModel
 
     cfg = load_config(config, list(overrides))
-    chunk, op = cfg.model.chunk, mixer.hope_memory
+    chunk_size, op = cfg.model.chunk_size, mixer.hope_memory
     inside = [False]
 
     def hope_memory(*args, **kwargs):
@@ -227,7 +227,7 @@ def measure_activations(config: str | None, overrides: tuple[str, ...] = ()) -> 
         del loss, logits
         return sum(alive.values())
 
-    t1, t2 = 2 * chunk, 4 * chunk
+    t1, t2 = 2 * chunk_size, 4 * chunk_size
     b = {(n, t): saved(n, t) for n in (1, 2) for t in (t1, t2)}
     layer_t1, layer_t2 = b[2, t1] - b[1, t1], b[2, t2] - b[1, t2]
     a = (layer_t2 - layer_t1) / (t2 - t1)

@@ -29,7 +29,7 @@ class TokenizerError(UserError, ValueError):
     label = "tokenizer error"
 
 
-def file_digest(path: str) -> str:
+def file_sha256(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 

@@ -21,7 +21,7 @@ import sys
 import threading
 from collections import Counter
 
-from data_prep.engines import ENGINES, EOD_TOKEN, file_digest, load_encoder
+from data_prep.engines import ENGINES, EOD_TOKEN, file_sha256, load_encoder
 from data_prep.megatron_format import token_dtype
 from data_prep.progress import Progress
 from data_prep.readers import DocumentReader, InputError, Piece, plan_shards
@@ -124,7 +124,7 @@ def _encode_shard(job: tuple[int, list[Piece]]) -> dict:
 def _plan(args, encoder) -> tuple[list[list[Piece]], dict, str]:
     shard_bytes = None if args.shard_size_mb is None else max(1, int(args.shard_size_mb * 2**20))
     shards, described = plan_shards(args.input, shard_bytes, args.split)
-    plan = {**described, "tokenizer_sha256": file_digest(args.tokenizer), "text_key": args.text_key,
+    plan = {**described, "tokenizer_sha256": file_sha256(args.tokenizer), "text_key": args.text_key,
             "eod_token": args.eod_token, "eod_id": encoder.eod_id, "vocab_size": encoder.vocab_size}
     plan_id = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
     return shards, plan, plan_id

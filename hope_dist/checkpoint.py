@@ -106,17 +106,17 @@ def _dcp_files(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.suffix == ".distcp" or p.name == ".metadata")
 
 
-def file_digest(file: Path, block: int = 1 << 24) -> dict[str, Any]:
+def file_crc32(file: Path, block: int = 1 << 24) -> dict[str, Any]:
     """Size and crc32 of one file (zlib's crc32 runs at memory speed; shards are fresh in cache)."""
     crc = 0
     with open(file, "rb") as f:
-        while chunk := f.read(block):
-            crc = zlib.crc32(chunk, crc)
+        while data := f.read(block):
+            crc = zlib.crc32(data, crc)
     return {"bytes": file.stat().st_size, "crc32": f"{crc:08x}"}
 
 
 def _digests(path: Path, files: list[Path]) -> dict[str, dict]:
-    return {f.name: file_digest(f) for f in files}
+    return {f.name: file_crc32(f) for f in files}
 
 
 def verify(path: Path, checksums: bool = True, files: list[str] | None = None) -> list[str]:
@@ -148,7 +148,7 @@ def verify(path: Path, checksums: bool = True, files: list[str] | None = None) -
             problems.append(f"{f}: shard missing")
         elif f.stat().st_size != want["bytes"]:
             problems.append(f"{f}: {f.stat().st_size} bytes, expected {want['bytes']} (truncated or replaced)")
-        elif checksums and file_digest(f)["crc32"] != want["crc32"]:
+        elif checksums and file_crc32(f)["crc32"] != want["crc32"]:
             problems.append(f"{f}: crc32 mismatch (corrupt shard)")
     if deepspeed or any(p.startswith(f"{path / '.metadata'}:") for p in problems):
         return problems

@@ -32,7 +32,7 @@ class CMSLevel:
     width: int = 64
     period: int = 1
     lr_scale: float = 1.0
-    chunk: int = 0  # tokens per in-context update of the down projection (model.cms_in_context); 0: not in context
+    chunk_size: int = 0  # tokens per in-context update of the down projection (model.cms_in_context); 0: not in context
 
 
 @dataclass
@@ -44,8 +44,8 @@ class ModelConfig:
     mixer: str = "selfmod"  # selfmod | titans | attention
     memory_depth: int = 2
     memory_hidden: int | None = None  # d_m; None means d_h
-    chunk: int = 64
-    proj_chunk: int = 64
+    chunk_size: int = 64
+    proj_chunk_size: int = 64
     eta_max: float = 1.0
     selfgen_values: bool = True
     stopgrad_vhat: bool = True
@@ -60,7 +60,7 @@ class ModelConfig:
     memory_w1_std: float | None = None  # depth 2: std of the memories' initial W1; None: init_std (M starts ~identity)
     alpha_init: float = 0.99  # initial retention per token (memory horizon ~ 1 / (1 - alpha) tokens)
     cms: list[CMSLevel] = field(default_factory=lambda: [CMSLevel(64, p) for p in (1, 4, 16, 64)])
-    cms_in_context: bool = False  # levels with cms[i].chunk > 0 learn in context (docs/cms_in_context.md)
+    cms_in_context: bool = False  # levels with cms[i].chunk_size > 0 learn in context (docs/cms_in_context.md)
     cms_inner_lr: float = 0.1  # in-context step per chunk, normalised by the chunk's key norms; in (0, 1]
     cms_stopgrad_writes: bool = False  # true: no outer gradient through the in-context writes
 
@@ -75,14 +75,14 @@ class ModelConfig:
     @property
     def cms_chunks(self) -> list[int]:
         """Each level's in-context chunk (0: not in context); all 0 unless cms_in_context."""
-        return [lvl.chunk if self.cms_in_context else 0 for lvl in self.cms]
+        return [lvl.chunk_size if self.cms_in_context else 0 for lvl in self.cms]
 
     @property
     def state_span(self) -> int:
         """Segments of a multiple of this many tokens carry the state exactly (two equal one long
-        forward): every chunk that counts from the start of a call divides it (proj_chunk, and the
-        in-context CMS chunks); proj_chunk when no CMS level learns in context."""
-        return math.lcm(self.proj_chunk, *(c for c in self.cms_chunks if c))
+        forward): every chunk that counts from the start of a call divides it (proj_chunk_size, and the
+        in-context CMS chunks); proj_chunk_size when no CMS level learns in context."""
+        return math.lcm(self.proj_chunk_size, *(c for c in self.cms_chunks if c))
 
 
 @dataclass
@@ -137,7 +137,7 @@ class ParallelConfig:
     dp_replicate: int = 1
     dp_shard: int = 1
     tp: int = 1
-    microbatches: int = 1
+    pp_microbatches: int = 1
     pp_schedule: str = "1f1b"  # 1f1b | gpipe | interleaved_1f1b
     activation_checkpoint: bool = False
     timeout_s: float = 600.0  # collective timeout: a hung rank fails the job after this long
@@ -214,18 +214,19 @@ def _validate_optim(o: OptimConfig) -> None:
 
 def _validate_cms_in_context(m: ModelConfig, seq_len: int) -> None:
     for i, level in enumerate(m.cms):
-        key = f"model.cms[{i}].chunk"
-        if level.chunk < 0:
-            raise ConfigError(f"{key}={level.chunk} must be >= 0 (0: the level does not learn in context)")
-        if level.chunk and not m.cms_in_context:
-            raise ConfigError(f"{key}={level.chunk} is set but model.cms_in_context=false: set "
+        key = f"model.cms[{i}].chunk_size"
+        if level.chunk_size < 0:
+            raise ConfigError(f"{key}={level.chunk_size} must be >= 0 (0: the level does not learn in context)")
+        if level.chunk_size and not m.cms_in_context:
+            raise ConfigError(f"{key}={level.chunk_size} is set but model.cms_in_context=false: set "
                               f"model.cms_in_context=true to use it, or {key}=0")
-        if level.chunk and seq_len % level.chunk:
-            raise ConfigError(f"{key}={level.chunk} does not divide training.seq_len={seq_len}: a level updates "
+        if level.chunk_size and seq_len % level.chunk_size:
+            raise ConfigError(f"{key}={level.chunk_size} does not divide training.seq_len={seq_len}: a level updates "
                               f"every chunk tokens from the start of each row; pick a divisor of {seq_len}")
-    if m.cms_in_context and not any(level.chunk for level in m.cms):
-        raise ConfigError("model.cms_in_context=true but every model.cms[i].chunk is 0: give the levels that learn "
-                          "in context a token chunk, e.g. model.cms=[{width: 64, period: 1, chunk: 64}, ...]")
+    if m.cms_in_context and not any(level.chunk_size for level in m.cms):
+        raise ConfigError("model.cms_in_context=true but every model.cms[i].chunk_size is 0: give the levels that "
+                          "learn in context a token chunk size, "
+                          "e.g. model.cms=[{width: 64, period: 1, chunk_size: 64}, ...]")
     if not 0 < m.cms_inner_lr <= 1:
         raise ConfigError(f"model.cms_inner_lr={m.cms_inner_lr} must be in (0, 1]: the normalised in-context step "
                           "(above 1 a step can overshoot along the chunk's dominant key direction)")
@@ -270,7 +271,7 @@ def validate(cfg: JobConfig) -> None:
     m = cfg.model
     _choice("model.mixer", m.mixer, ("selfmod", "titans", "attention"))
     _choice("model.kernel", m.kernel, ("auto", "triton", "torch", "naive"))
-    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "chunk", "proj_chunk", "conv_width"):
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "chunk_size", "proj_chunk_size", "conv_width"):
         _positive(f"model.{key}", getattr(m, key))
     if m.d_model % m.n_heads:
         raise ConfigError(
@@ -284,9 +285,9 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(f"model.alpha_init={m.alpha_init} must be in (0, 1): the initial retention per token")
     if m.memory_hidden is not None:
         _positive("model.memory_hidden", m.memory_hidden)
-    if m.proj_chunk % m.chunk:
+    if m.proj_chunk_size % m.chunk_size:
         raise ConfigError(
-            f"model.proj_chunk={m.proj_chunk} must be a multiple of model.chunk={m.chunk}")
+            f"model.proj_chunk_size={m.proj_chunk_size} must be a multiple of model.chunk_size={m.chunk_size}")
     if not m.cms:
         raise ConfigError("model.cms is empty: give at least one CMS level (width, period)")
     for i, level in enumerate(m.cms):
@@ -304,7 +305,7 @@ def validate(cfg: JobConfig) -> None:
     _choice("training.mixed_precision", t.mixed_precision, ("auto", "bf16", "fp32"))
     _choice("training.nonfinite", t.nonfinite, ("stop", "skip"))
     p = cfg.parallel
-    for key in ("pp", "dp_replicate", "dp_shard", "tp", "microbatches"):
+    for key in ("pp", "dp_replicate", "dp_shard", "tp", "pp_microbatches"):
         _positive(f"parallel.{key}", getattr(p, key))
     _choice("parallel.pp_schedule", p.pp_schedule, ("1f1b", "gpipe", "interleaved_1f1b"))
     dp = p.dp_replicate * p.dp_shard
@@ -329,13 +330,13 @@ def validate(cfg: JobConfig) -> None:
             raise ConfigError(f"model.cms[{i}].width={level.width} is not divisible by parallel.tp={p.tp}: "
                               f"CMS levels are split column/row-wise over tp; pick a multiple of {p.tp}")
     if p.pp > 1:
-        if t.micro_batch % p.microbatches:
+        if t.micro_batch % p.pp_microbatches:
             raise ConfigError(
-                f"training.micro_batch={t.micro_batch} must be a multiple of parallel.microbatches="
-                f"{p.microbatches}: the pipeline splits every micro-batch into that many microbatches")
-        if p.pp_schedule != "gpipe" and p.microbatches % p.pp:
+                f"training.micro_batch={t.micro_batch} must be a multiple of parallel.pp_microbatches="
+                f"{p.pp_microbatches}: the pipeline splits every micro-batch into that many microbatches")
+        if p.pp_schedule != "gpipe" and p.pp_microbatches % p.pp:
             raise ConfigError(
-                f"parallel.microbatches={p.microbatches} must be a multiple of parallel.pp={p.pp} for "
+                f"parallel.pp_microbatches={p.pp_microbatches} must be a multiple of parallel.pp={p.pp} for "
                 f"pp_schedule={p.pp_schedule} (fewer cannot fill the pipeline); or use pp_schedule=gpipe")
         if p.pp_schedule == "interleaved_1f1b" and m.n_layers < 2 * p.pp:
             raise ConfigError(

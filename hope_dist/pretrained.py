@@ -14,7 +14,7 @@ Folder layout:
 
 `HopeLM` carries the fast-weight state across calls. A memory op counts its chunks from the
 start of each call, so the state is carried only at multiples of `model.state_span` tokens
-(proj_chunk, and the in-context CMS chunks if any): the session keeps the state at the last such
+(proj_chunk_size, and the in-context CMS chunks if any): the session keeps the state at the last such
 boundary and re-runs the tokens after it (fewer than the span) with every call. Scoring or
 generating piece by piece therefore computes exactly what one forward over the whole text computes,
 for all three mixers.

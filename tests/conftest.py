@@ -61,7 +61,7 @@ def tiny_overrides(prefix: Path, vocab: int, eod: int, run_dir: Path, **extra) -
     """Command-line overrides for a tiny CPU job on `prefix`."""
     base = {
         "run_dir": run_dir, "model.vocab_size": vocab, "model.d_model": 32, "model.n_layers": 2,
-        "model.n_heads": 2, "model.chunk": 8, "model.proj_chunk": 16,
+        "model.n_heads": 2, "model.chunk_size": 8, "model.proj_chunk_size": 16,
         "model.cms": "[{width: 32, period: 1}, {width: 32, period: 2}, {width: 32, period: 4}]",
         "training.steps": 8, "training.seq_len": 32, "training.global_batch": 4, "training.micro_batch": 2,
         "optim.warmup_steps": 2, "optim.lr": 3e-3, "data.paths": f"[{prefix}]", "data.eod_id": eod,

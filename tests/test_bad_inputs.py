@@ -192,12 +192,12 @@ def _drop_optimizer_entry(path: Path) -> None:
     as one written with another optimizer would."""
     import pickle
 
-    from hope_dist.checkpoint import file_digest
+    from hope_dist.checkpoint import file_crc32
 
     md = pickle.loads((path / ".metadata").read_bytes())
     del md.state_dict_metadata[next(k for k in sorted(md.state_dict_metadata) if k.startswith("optim.state."))]
     (path / ".metadata").write_bytes(pickle.dumps(md))
-    edit_json(path / "manifest.json", lambda m: m.update({".metadata": file_digest(path / ".metadata")}))
+    edit_json(path / "manifest.json", lambda m: m.update({".metadata": file_crc32(path / ".metadata")}))
 
 
 def _truncate(file: Path) -> None:

@@ -49,7 +49,7 @@ def resume_matches(run_dir: Path, tmp_path: Path, nproc: int, args: list[str]) -
 
 MESH = {"training.steps": 6, "checkpoint.interval": 3, "parallel.dp_replicate": 2, "parallel.tp": 2,
         "checkpoint.async_save": True}
-PP2 = {"training.steps": 6, "checkpoint.interval": 3, "parallel.pp": 2, "parallel.microbatches": 2}
+PP2 = {"training.steps": 6, "checkpoint.interval": 3, "parallel.pp": 2, "parallel.pp_microbatches": 2}
 
 
 @pytest.fixture(scope="module")

@@ -35,18 +35,18 @@ def problem(seed: int = 0, batch: int = B, seq: int = T, packed: bool = True, gi
     return rand(batch, seq, F_), 0.5 * rand(D, F_), rand(batch, seq, D), seg, state
 
 
-def run(impl, h, w, z, seg, state, chunk, lr=0.5, stopgrad=False):
-    return cms_in_context(h, h @ w.mT, z, chunk=chunk, lr=lr, seg=seg, initial_state=state,
+def run(impl, h, w, z, seg, state, chunk_size, lr=0.5, stopgrad=False):
+    return cms_in_context(h, h @ w.mT, z, chunk_size=chunk_size, lr=lr, seg=seg, initial_state=state,
                           stopgrad_writes=stopgrad, impl=impl)
 
 
-def results_and_grads(impl, chunk, stopgrad, packed, given_state):
+def results_and_grads(impl, chunk_size, stopgrad, packed, given_state):
     """Outputs, final state and the gradients of a random functional of both w.r.t. every input."""
     h, w, z, seg, state = problem(packed=packed, given_state=given_state)
     leaves = [h, w, z] + (list(state) if state is not None else [])
     for x in leaves:
         x.requires_grad_(True)
-    y, final = run(impl, h, w, z, seg, state, chunk, stopgrad=stopgrad)
+    y, final = run(impl, h, w, z, seg, state, chunk_size, stopgrad=stopgrad)
     g = torch.Generator().manual_seed(7)
     outs = [y, *final]
     loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outs)
@@ -59,13 +59,13 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------ the chunked path == the reference
-@pytest.mark.parametrize("chunk", [1, 4, 8, 16, 64])
+@pytest.mark.parametrize("chunk_size", [1, 4, 8, 16, 64])
 @pytest.mark.parametrize("stopgrad,packed,given_state",
                          [(False, True, False), (True, True, True), (False, False, True), (True, False, False)])
-def test_chunked_matches_naive_float64(chunk, stopgrad, packed, given_state):
-    want, want_g = results_and_grads("naive", chunk, stopgrad, packed, given_state)
-    got, got_g = results_and_grads("torch", chunk, stopgrad, packed, given_state)
-    assert want[0].abs().max() > 1e-3 or chunk >= T and not given_state  # the read is not trivially zero
+def test_chunked_matches_naive_float64(chunk_size, stopgrad, packed, given_state):
+    want, want_g = results_and_grads("naive", chunk_size, stopgrad, packed, given_state)
+    got, got_g = results_and_grads("torch", chunk_size, stopgrad, packed, given_state)
+    assert want[0].abs().max() > 1e-3 or chunk_size >= T and not given_state  # the read is not trivially zero
     for name, a, b in zip(("y_fast", "delta", "key", "key_out"), got, want):
         assert rel(a, b) <= TOL64, (name, rel(a, b))
     names = ["h", "w_down", "z", "state.delta", "state.key", "state.key_out"]
@@ -156,8 +156,9 @@ def test_documents_reset(impl):
 
 # ------------------------------------------------------------------ the model
 def tiny_cfg(**extra) -> ModelConfig:
-    base = dict(vocab_size=50, d_model=32, n_layers=2, n_heads=2, chunk=8, proj_chunk=16,
-                cms=[CMSLevel(32, 1, chunk=8), CMSLevel(32, 4, chunk=32), CMSLevel(32, 16)], cms_in_context=True)
+    base = dict(vocab_size=50, d_model=32, n_layers=2, n_heads=2, chunk_size=8, proj_chunk_size=16,
+                cms=[CMSLevel(32, 1, chunk_size=8), CMSLevel(32, 4, chunk_size=32), CMSLevel(32,
+                                                                                             16)], cms_in_context=True)
     base.update(extra)
     return ModelConfig(**base)
 
@@ -166,10 +167,10 @@ def test_off_by_default_is_the_plain_chain():
     """cms_in_context=false (the default): the same parameters, no CMS state, and each level computes
     exactly z + down(silu(gate(x)) * up(x)), x = RMSNorm(z), bit for bit."""
     cfg = tiny_cfg(cms_in_context=False, cms=[CMSLevel(32, 1), CMSLevel(32, 4)])
-    assert ModelConfig().cms_in_context is False and CMSLevel().chunk == 0
+    assert ModelConfig().cms_in_context is False and CMSLevel().chunk_size == 0
     torch.manual_seed(0)
     model = build_model(cfg)
-    on = build_model(tiny_cfg(cms=[CMSLevel(32, 1, chunk=8), CMSLevel(32, 4)]))
+    on = build_model(tiny_cfg(cms=[CMSLevel(32, 1, chunk_size=8), CMSLevel(32, 4)]))
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in on.named_parameters()]
     z = torch.randn(2, 24, 32)
     for level in model.layers["0"].cms.levels:
@@ -190,7 +191,8 @@ def test_model_segments_equal_one_long_forward():
     torch.testing.assert_close(lc.segmented_logits(model, x, 32, carry=True), full, rtol=0, atol=1e-5)
     off = build_model(tiny_cfg(cms_in_context=False, cms=[CMSLevel(32, 1)])).eval()
     assert off.cfg.state_span == 16
-    with pytest.raises(EvalError, match=r"--segment 16 is not a multiple of model.proj_chunk=16 and the in-context "
+    with pytest.raises(EvalError,
+                       match=r"--segment 16 is not a multiple of model.proj_chunk_size=16 and the in-context "
                                         r"CMS chunks \[8, 32\] \(lcm 32\).*--segment 32 or 32"):
         lc.check_segment(model, 16)
 
@@ -211,8 +213,9 @@ def test_model_packed_rows_reset_at_eod():
 
 
 def test_trainer_with_validation_and_long_context(random_dataset, tmp_path):
-    extra = {"model.cms_in_context": True, "model.cms": "[{width: 32, period: 1, chunk: 8}, {width: 32, period: 2, "
-             "chunk: 16}, {width: 32, period: 4}]", "training.steps": 3, "eval.every": 3,
+    extra = {"model.cms_in_context": True,
+             "model.cms": "[{width: 32, period: 1, chunk_size: 8}, {width: 32, period: 2, "
+             "chunk_size: 16}, {width: 32, period: 4}]", "training.steps": 3, "eval.every": 3,
              "data.valid_fraction": 0.1, "eval.tokens": 256}
     trainer = make_trainer(random_dataset, tmp_path / "run", **extra)
     rows = [trainer.train_step() for _ in range(3)]
@@ -234,14 +237,14 @@ def test_tp2_and_pp2_match_single_process(random_dataset, tmp_path):
     from test_parallel_equivalence import STEPS, check_equivalent, overrides, run_layouts
     from hope_dist.trainer import Trainer
 
-    cms = {"model.cms_in_context": True, "model.cms": "[{width: 32, period: 1, chunk: 8}, {width: 32, period: 2, "
-           "chunk: 16}, {width: 32, period: 3}]"}
+    cms = {"model.cms_in_context": True, "model.cms": "[{width: 32, period: 1, chunk_size: 8}, {width: 32, period: 2, "
+           "chunk_size: 16}, {width: 32, period: 3}]"}
     trainer = Trainer(load_config(None, overrides(random_dataset, tmp_path / "ref", **cms)))
     rows = [trainer.train_step() for _ in range(STEPS)]
     rows[-1].update(trainer.validate())
     ref = {"losses": [r["loss"] for r in rows], "rows": rows,
            "params": {n: p.detach().clone() for n, p in trainer.model.named_parameters()}}
-    layouts = {"tp2": {"parallel.tp": 2}, "pp2": {"parallel.pp": 2, "parallel.microbatches": 2}}
+    layouts = {"tp2": {"parallel.tp": 2}, "pp2": {"parallel.pp": 2, "parallel.pp_microbatches": 2}}
     results = run_layouts({n: overrides(random_dataset, tmp_path / n, **cms, **lay) for n, lay in layouts.items()},
                           2, tmp_path)
     for name in layouts:
@@ -250,14 +253,14 @@ def test_tp2_and_pp2_match_single_process(random_dataset, tmp_path):
 
 # ------------------------------------------------------------------ bad inputs
 @pytest.mark.parametrize("args,words", [
-    (["--model.cms=[{width: 32, period: 1, chunk: 12}]", "--model.cms_in_context=true"],
-     "model.cms[0].chunk=12 does not divide training.seq_len=32"),
-    (["--model.cms=[{width: 32, period: 1, chunk: -8}]", "--model.cms_in_context=true"],
-     "model.cms[0].chunk=-8 must be >= 0"),
-    (["--model.cms=[{width: 32, period: 1}, {width: 32, period: 1, chunk: 8}]"],
-     "model.cms[1].chunk=8 is set but model.cms_in_context=false"),
-    (["--model.cms_in_context=true"], "model.cms_in_context=true but every model.cms[i].chunk is 0"),
-    (["--model.cms=[{width: 32, period: 1, chunk: 8}]", "--model.cms_in_context=true", "--model.cms_inner_lr=1.5"],
+    (["--model.cms=[{width: 32, period: 1, chunk_size: 12}]", "--model.cms_in_context=true"],
+     "model.cms[0].chunk_size=12 does not divide training.seq_len=32"),
+    (["--model.cms=[{width: 32, period: 1, chunk_size: -8}]", "--model.cms_in_context=true"],
+     "model.cms[0].chunk_size=-8 must be >= 0"),
+    (["--model.cms=[{width: 32, period: 1}, {width: 32, period: 1, chunk_size: 8}]"],
+     "model.cms[1].chunk_size=8 is set but model.cms_in_context=false"),
+    (["--model.cms_in_context=true"], "model.cms_in_context=true but every model.cms[i].chunk_size is 0"),
+    (["--model.cms=[{width: 32, period: 1, chunk_size: 8}]", "--model.cms_in_context=true", "--model.cms_inner_lr=1.5"],
      "model.cms_inner_lr=1.5 must be in (0, 1]"),
 ])
 def test_bad_config(random_dataset, tmp_path, args, words):
@@ -270,11 +273,12 @@ def test_bad_config(random_dataset, tmp_path, args, words):
 def test_bad_op_inputs():
     h, w, z, seg, state = problem(given_state=True)
     y = h @ w.mT
-    cases = [(dict(chunk=0), "chunk must be a positive int"), (dict(chunk=4, lr=0.0), "lr must be in (0, 1]"),
-             (dict(chunk=4, seg=seg[:, :5]), "seg must have shape (3, 37)"),
-             (dict(chunk=4, initial_state=CMSState(state.delta[:1], state.key, state.key_out)),
+    cases = [(dict(chunk_size=0), "chunk_size must be a positive int"), (dict(chunk_size=4, lr=0.0),
+                                                                         "lr must be in (0, 1]"),
+             (dict(chunk_size=4, seg=seg[:, :5]), "seg must have shape (3, 37)"),
+             (dict(chunk_size=4, initial_state=CMSState(state.delta[:1], state.key, state.key_out)),
               "initial_state.delta has shape (1, 5, 6), expected (3, 5, 6)"),
-             (dict(chunk=4, impl="triton"), "impl must be one of")]
+             (dict(chunk_size=4, impl="triton"), "impl must be one of")]
     for kwargs, words in cases:
         with pytest.raises(ValueError) as err:
             cms_in_context(h, y, z, **{"lr": 0.5, **kwargs})

@@ -18,8 +18,8 @@ from hope_dist.model.memory_mixer import MemoryMixer
                     reason="torch.compile's first call takes minutes on CPU: run with HOPE_COMPILE_TESTS=1")
 def test_compiled_mixer_equals_eager_without_graph_breaks():
     torch._dynamo.reset()
-    cfg = load_config("configs/tiny.yaml", ["--model.d_model=32", "--model.n_heads=2", "--model.chunk=8",
-                                            "--model.proj_chunk=8", "--model.kernel=torch"]).model
+    cfg = load_config("configs/tiny.yaml", ["--model.d_model=32", "--model.n_heads=2", "--model.chunk_size=8",
+                                            "--model.proj_chunk_size=8", "--model.kernel=torch"]).model
     torch.manual_seed(0)
     with torch.device("meta"):
         mixer = MemoryMixer(cfg)

@@ -19,7 +19,7 @@ def test_tiny_config_loads_with_overrides():
     ("--model.cms=[{width: 8, period: 0}]", "model.cms[0].period"),
     ("--model.cms=[{width: 8, period: 1, speed: 2}]", "model.cms[0].speed"),
     ("--model.mixer=mamba", "model.mixer"),
-    ("--model.proj_chunk=24", "model.proj_chunk"),
+    ("--model.proj_chunk_size=24", "model.proj_chunk_size"),
     ("--training.steps=many", "training.steps"),
     ("--metrics.wandb=perhaps", "metrics.wandb"),
     ("--parallel.tp=3", "parallel.tp"),

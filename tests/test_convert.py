@@ -67,7 +67,7 @@ def test_export_then_from_pretrained_gives_training_logits(trained, tmp_path, bp
 @pytest.mark.parametrize("mixer", ["selfmod", "titans", "attention"])
 def test_session_carries_state_across_calls(random_dataset, tmp_path, mixer):
     """Scoring piece by piece and greedy generation token by token compute what one forward over
-    the whole sequence computes: bit for bit when the pieces end on proj_chunk (16) boundaries,
+    the whole sequence computes: bit for bit when the pieces end on proj_chunk_size (16) boundaries,
     and in float64 to rounding (1e-12) for any pieces (other lengths change matmul shapes only)."""
     trainer = make(random_dataset, tmp_path, **{"model.mixer": mixer, "training.steps": 1})
     trainer.train()

@@ -188,7 +188,7 @@ def test_convert_reads_a_deepspeed_checkpoint(runs, tmp_path):
     ({"parallel.engine": "horovod"}, "parallel.engine='horovod' is not one of native, deepspeed"),
     ({"parallel.zero_stage": 3}, "parallel.zero_stage=3 is not supported: use 1 or 2"),
     ({"parallel.tp": 2}, "parallel.engine=deepspeed supports data parallelism only"),
-    ({"parallel.pp": 2, "parallel.microbatches": 2, "training.micro_batch": 2},
+    ({"parallel.pp": 2, "parallel.pp_microbatches": 2, "training.micro_batch": 2},
      "parallel.engine=deepspeed supports data parallelism only"),
     ({"optim.name": "m3"}, "optim.name='m3' needs parallel.engine=native"),
     ({"parallel.ds_config": "/nonexistent/ds.json"}, "parallel.ds_config='/nonexistent/ds.json' does not exist"),

@@ -29,7 +29,7 @@ VOCAB, EOD = 96, 0
 
 def tiny_model(mixer: str, dtype=torch.float32, **extra):
     cfg = from_dict(ModelConfig, {"vocab_size": VOCAB, "d_model": 32, "n_layers": 2, "n_heads": 2, "mixer": mixer,
-                                  "chunk": 8, "proj_chunk": 16, "cms": [{"width": 32, "period": 1}], **extra})
+                                  "chunk_size": 8, "proj_chunk_size": 16, "cms": [{"width": 32, "period": 1}], **extra})
     torch.manual_seed(0)
     return build_model(cfg).to(dtype).eval()
 
@@ -44,7 +44,7 @@ def long_docs(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoint(random_dataset, tmp_path_factory) -> Path:
-    """A committed step-4 checkpoint of the tiny selfmod job (seq_len 32, proj_chunk 16)."""
+    """A committed step-4 checkpoint of the tiny selfmod job (seq_len 32, proj_chunk_size 16)."""
     run_dir = tmp_path_factory.mktemp("evalrun")
     make_trainer(random_dataset, run_dir, **{"training.steps": 4, "checkpoint.interval": 4}).train()
     return run_dir / "checkpoints" / "step-4"
@@ -83,7 +83,8 @@ def test_segments_with_carry_equal_one_long_forward(mixer):
 
 
 def test_segment_must_be_a_multiple_of_proj_chunk():
-    with pytest.raises(EvalError, match=r"--segment 24 is not a multiple of model.proj_chunk=16.*--segment 16 or 32"):
+    with pytest.raises(EvalError,
+                       match=r"--segment 24 is not a multiple of model.proj_chunk_size=16.*--segment 16 or 32"):
         lc.check_segment(tiny_model("selfmod"), 24)
     with pytest.raises(EvalError, match="--long-len 32 must exceed --segment 32"):
         lc.check_segment(tiny_model("titans"), 32, 32)
@@ -301,7 +302,7 @@ def test_errors(checkpoint, long_docs, tokenizer_file, tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     _fails(capsys, [ck, "--data", str(empty)], "the file is empty", out)
-    _fails(capsys, [ck, "--data", str(long_docs), "--segment", "24"], "not a multiple of model.proj_chunk=16", out)
+    _fails(capsys, [ck, "--data", str(long_docs), "--segment", "24"], "not a multiple of model.proj_chunk_size=16", out)
     _fails(capsys, [ck, "--tasks", "passkey", "--passkey-lengths", "8"], "below the", out)
     _fails(capsys, [ck, "--tasks", "perplexity"], "need --data", out)
     _fails(capsys, [ck, "--tasks", "bogus"], "unknown ['bogus']", out)

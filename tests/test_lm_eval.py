@@ -59,7 +59,8 @@ def export(folder: Path, tokenizer: Path | None, mixer: str = "selfmod", vocab: 
     """A tiny model (trained `steps` AdamW steps on the task texts) saved as an export-hf folder."""
     cfg = load_config(REPO / "configs" / "tiny.yaml", [
         f"--model.vocab_size={vocab}", f"--model.mixer={mixer}", "--model.d_model=32", "--model.n_heads=2",
-        "--model.chunk=8", "--model.proj_chunk=16", "--model.cms=[{width: 32, period: 1}, {width: 32, period: 2}]",
+        "--model.chunk_size=8", "--model.proj_chunk_size=16",
+        "--model.cms=[{width: 32, period: 1}, {width: 32, period: 2}]",
     ]).model
     torch.manual_seed(0)
     model = build_model(cfg)

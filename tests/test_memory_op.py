@@ -23,7 +23,7 @@ class Case:
     momentum: bool = True
     selfgen: bool = True
     stopgrad: bool = True
-    chunk: int = 4
+    chunk_size: int = 4
     proj_mult: int = 2
     seq: int = 40
     dtype: torch.dtype = torch.float64
@@ -37,7 +37,7 @@ FACTORS = {
     "momentum": (False, True),
     "selfgen": (False, True),
     "stopgrad": (False, True),
-    "chunk": (1, 3, 16, 64),
+    "chunk_size": (1, 3, 16, 64),
     "proj_mult": (1, 4),
     "seq": (63, 100, 256),
     "dtype": (torch.float64, torch.float32),
@@ -152,7 +152,7 @@ CASES = covering_design(FACTORS)
 
 def _case_id(case: Case) -> str:
     return (f"{case.variant}-d{case.depth}-{'mom' if case.momentum else 'nomom'}-"
-            f"{'selfgen' if case.selfgen else 'v'}-{'sg' if case.stopgrad else 'nosg'}-C{case.chunk}"
+            f"{'selfgen' if case.selfgen else 'v'}-{'sg' if case.stopgrad else 'nosg'}-C{case.chunk_size}"
             f"x{case.proj_mult}-T{case.seq}-{str(case.dtype)[6:]}-{'state' if case.given_state else 'fresh'}"
             f"{'' if case.w1_delta else '-w1gated'}")
 
@@ -160,7 +160,7 @@ def _case_id(case: Case) -> str:
 @pytest.mark.parametrize("case", CASES + [replace(c, w1_delta=False) for c in CASES if c.depth == 2], ids=_case_id)
 def test_chunked_matches_naive(case: Case):
     q, params, inputs, state = make_problem(case)
-    kwargs = dict(chunk=case.chunk, proj_chunk=case.chunk * case.proj_mult, selfgen=case.selfgen,
+    kwargs = dict(chunk_size=case.chunk_size, proj_chunk_size=case.chunk_size * case.proj_mult, selfgen=case.selfgen,
                   stopgrad_vhat=case.stopgrad, w1_delta=case.w1_delta)
     want = forward_backward(q, params, inputs, state, impl="naive", **kwargs)
     got = forward_backward(q, params, inputs, state, impl="torch", **kwargs)
@@ -172,7 +172,7 @@ def test_chunked_matches_naive(case: Case):
 
 
 STRUCTURAL = ("variant", "depth", "momentum", "selfgen", "stopgrad")
-STRUCTURES = [Case(**dict(zip(STRUCTURAL, flags)), chunk=3, proj_mult=2, seq=37, given_state=True)
+STRUCTURES = [Case(**dict(zip(STRUCTURAL, flags)), chunk_size=3, proj_mult=2, seq=37, given_state=True)
               for flags in itertools.product(*(FACTORS[n] for n in STRUCTURAL))]
 
 
@@ -185,9 +185,9 @@ def test_chunked_matches_naive_every_structure(case: Case):
 @pytest.mark.parametrize("variant", ["selfmod", "titans"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_causal(impl, variant):
-    case = Case(variant=variant, seq=40, chunk=4, proj_mult=2)
+    case = Case(variant=variant, seq=40, chunk_size=4, proj_mult=2)
     q, params, inputs, _ = make_problem(case)
-    o, _ = hope_memory(q, params, **inputs, chunk=4, proj_chunk=8, impl=impl)
+    o, _ = hope_memory(q, params, **inputs, chunk_size=4, proj_chunk_size=8, impl=impl)
     t = 21  # inside a chunk, so the same chunk holds perturbed and unperturbed tokens
     gen = torch.Generator().manual_seed(5)
     bumped = {name: x.clone() for name, x in inputs.items()}
@@ -195,7 +195,7 @@ def test_causal(impl, variant):
         x[:, t + 1:] += torch.rand(x[:, t + 1:].shape, generator=gen, dtype=x.dtype) * 0.05
     q2 = q.clone()
     q2[:, t + 1:] = l2norm(torch.randn(q2[:, t + 1:].shape, generator=gen, dtype=q.dtype))
-    o2, _ = hope_memory(q2, params, **bumped, chunk=4, proj_chunk=8, impl=impl)
+    o2, _ = hope_memory(q2, params, **bumped, chunk_size=4, proj_chunk_size=8, impl=impl)
     assert torch.equal(o[:, :t + 1], o2[:, :t + 1]), "an output at or before t changed"
     assert not torch.equal(o[:, t + 1:], o2[:, t + 1:]), "the perturbation had no effect at all"
 
@@ -204,7 +204,7 @@ def test_causal(impl, variant):
 def test_batch_equals_sequences(impl):
     case = Case(seq=30, given_state=True)
     q, params, inputs, state = make_problem(case, batch=3)
-    kwargs = dict(chunk=4, proj_chunk=8, impl=impl)
+    kwargs = dict(chunk_size=4, proj_chunk_size=8, impl=impl)
     o, final = hope_memory(q, params, **inputs, initial_state=state, output_final_state=True, **kwargs)
     for b in range(3):
         one = slice(b, b + 1)
@@ -221,7 +221,7 @@ def test_batch_equals_sequences(impl):
 def test_two_segments_equal_one(impl, variant):
     case = Case(variant=variant, seq=24 + 13)  # first segment: a multiple of proj_chunk = 8
     q, params, inputs, _ = make_problem(case)
-    kwargs = dict(chunk=4, proj_chunk=8, impl=impl)
+    kwargs = dict(chunk_size=4, proj_chunk_size=8, impl=impl)
     whole = forward_backward(q, params, inputs, None, **kwargs)
 
     def two_segments():
@@ -245,7 +245,7 @@ def test_packed_documents_equal_separate(impl, variant, given_state):
     if given_state:
         _, _, _, state = make_problem(case, batch=len(lengths), seed=3)
     cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)])
-    kwargs = dict(chunk=4, proj_chunk=8, impl=impl)
+    kwargs = dict(chunk_size=4, proj_chunk_size=8, impl=impl)
     packed = forward_backward(q, params, inputs, state, cu_seqlens=cu_seqlens, **kwargs)
 
     def one_by_one():
@@ -274,7 +274,7 @@ def test_no_write_keeps_state(impl, variant):
     else:
         eta_max = 0.0
         params = params._replace(alpha_b=torch.full_like(params.alpha_b, torch.inf))
-    o, final = hope_memory(q, params, **inputs, output_final_state=True, chunk=4, proj_chunk=8,
+    o, final = hope_memory(q, params, **inputs, output_final_state=True, chunk_size=4, proj_chunk_size=8,
                            eta_max=eta_max, impl=impl)
     assert torch.equal(final.w2, params.w2.expand_as(final.w2))
     assert torch.equal(final.w1, params.w1.expand_as(final.w1))
@@ -286,12 +286,12 @@ def test_no_write_keeps_state(impl, variant):
 @pytest.mark.parametrize("momentum", [False, True])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_chunk_one_is_sequential_rule(impl, momentum):
-    """chunk = proj_chunk = 1 is the paper's fully sequential rule; written here independently for a
+    """chunk = proj_chunk_size = 1 is the paper's fully sequential rule; written here independently for a
     linear titans memory: G_t = (W_{t-1} k - v) k^T, S_t = gamma S_{t-1} + (1 - gamma) G_t,
     W_t = W_{t-1} (alpha I - eta k k^T) - eta S_t, o_t = W_t q_t."""
     case = Case(variant="titans", depth=1, momentum=momentum, seq=23)
     q, params, inputs, _ = make_problem(case, batch=1)
-    o, final = hope_memory(q, params, **inputs, output_final_state=True, chunk=1, proj_chunk=1, impl=impl)
+    o, final = hope_memory(q, params, **inputs, output_final_state=True, chunk_size=1, proj_chunk_size=1, impl=impl)
     k, v, eta, alpha = inputs["k"][0], inputs["v"][0], inputs["eta"][0], inputs["alpha"][0]
     gamma = torch.sigmoid(params.gamma) if momentum else torch.zeros(HEADS, dtype=q.dtype)
     for h in range(HEADS):
@@ -306,15 +306,16 @@ def test_chunk_one_is_sequential_rule(impl, momentum):
             assert_rel_close(final.s2[0, 0, h], s, 1e-12, f"final momentum, head {h}")
 
 
-@pytest.mark.parametrize("chunk,proj_chunk", [(1, 1), (2, 4)])
+@pytest.mark.parametrize("chunk_size,proj_chunk_size", [(1, 1), (2, 4)])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_selfmod_matches_rule_written_with_autograd(impl, chunk, proj_chunk):
+def test_selfmod_matches_rule_written_with_autograd(impl, chunk_size, proj_chunk_size):
     """Section 2 for one sequence, one head and memory at a time, with every inner gradient taken
     by autograd (independent of the op's closed forms): depth 2, momentum, self-generated targets,
     W1 on the delta rule along its unit input (docs/memory_op.md)."""
     case = Case(seq=11)
     q, params, inputs, _ = make_problem(case, batch=1)
-    o, final = hope_memory(q, params, **inputs, output_final_state=True, chunk=chunk, proj_chunk=proj_chunk, impl=impl)
+    o, final = hope_memory(q, params, **inputs, output_final_state=True, chunk_size=chunk_size,
+                           proj_chunk_size=proj_chunk_size, impl=impl)
 
     def memory(w1, w2, z):
         return z + w1 @ F.silu(w2 @ z)
@@ -328,9 +329,9 @@ def test_selfmod_matches_rule_written_with_autograd(impl, chunk, proj_chunk):
         s1, s2 = [torch.zeros_like(x) for x in w1], [torch.zeros_like(x) for x in w2]
         gamma = torch.sigmoid(params.gamma[h])
         for t in range(case.seq):
-            if t % proj_chunk == 0:
+            if t % proj_chunk_size == 0:
                 start = [(w1[m], w2[m]) for m in range(4)] + start[4:] if t else list(zip(w1, w2))  # noqa: F821
-            if t % chunk == 0:
+            if t % chunk_size == 0:
                 start[4] = (w1[4], w2[4])
             mk, mv, meta, malpha = (memory(*start[m], a[t, h]) for m in range(4))
             k, v = unit(mk), unit(mv)
@@ -355,7 +356,7 @@ def test_selfmod_matches_rule_written_with_autograd(impl, chunk, proj_chunk):
 def test_stopgrad_detaches_only_self_generated_targets(impl):
     case = Case(seq=12)
     q, params, inputs, _ = make_problem(case)
-    kwargs = dict(chunk=4, proj_chunk=4, impl=impl)
+    kwargs = dict(chunk_size=4, proj_chunk_size=4, impl=impl)
 
     def grad_w2(**flags):
         w2 = params.w2.clone().requires_grad_(True)
@@ -371,7 +372,7 @@ def test_16bit_inputs_compute_in_float32(impl):
     """bf16 in: the result is the float32 computation on the same values, rounded once; autocast
     does not reach inside the op."""
     q, params, inputs, state = make_problem(Case(dtype=torch.bfloat16, seq=20, given_state=True))
-    kwargs = dict(initial_state=state, output_final_state=True, chunk=4, proj_chunk=8, impl=impl)
+    kwargs = dict(initial_state=state, output_final_state=True, chunk_size=4, proj_chunk_size=8, impl=impl)
     o, final = hope_memory(q, params, **inputs, **kwargs)
     up = lambda x: None if x is None else x.float()
     o32, final32 = hope_memory(up(q), MemoryParams(*map(up, params)), **{n: up(x) for n, x in inputs.items()},
@@ -408,8 +409,8 @@ def _bad_inputs():
         ("k for selfmod", put(k=torch.zeros(b, t, HEADS, D_H, dtype=torch.float64)), "k must be None"),
         ("a of wrong d_h", put(a=torch.zeros(b, t, HEADS, D_H + 1, dtype=torch.float64)), "a (selfmod"),
         ("a in float32", put(a=torch.zeros(b, t, HEADS, D_H)), "must match q"),
-        ("proj_chunk not a multiple", put(proj_chunk=6), "proj_chunk"),
-        ("chunk zero", put(chunk=0), "chunk must be"),
+        ("proj_chunk_size not a multiple", put(proj_chunk_size=6), "proj_chunk_size"),
+        ("chunk zero", put(chunk_size=0), "chunk_size must be"),
         ("bad impl", put(impl="cuda"), "impl"),
         ("negative eta_max", put(eta_max=-1.0), "eta_max"),
         ("selfgen not a bool", put(selfgen="yes"), "selfgen"),

@@ -96,14 +96,15 @@ def assert_matches(got, want, tol_out, tol_grad):
 
 
 CASES = {  # name: (make_problem kwargs, op kwargs); small enough for the CPU interpreter
-    "selfmod-T63-d16-C16x2": (dict(batch=1), dict(chunk=16, proj_chunk=32)),
+    "selfmod-T63-d16-C16x2": (dict(batch=1), dict(chunk_size=16, proj_chunk_size=32)),
     "selfmod-T100-d32-dm16-C32x2-etamax": (dict(batch=1, seq=100, heads=1, d_h=32, d_m=16),
-                                           dict(chunk=32, proj_chunk=64, eta_max=0.5)),
-    "selfmod-depth1-T63-C8x2-v": (dict(depth=1, batch=1, heads=1), dict(chunk=8, proj_chunk=16, selfgen=False)),
+                                           dict(chunk_size=32, proj_chunk_size=64, eta_max=0.5)),
+    "selfmod-depth1-T63-C8x2-v": (dict(depth=1, batch=1, heads=1), dict(chunk_size=8, proj_chunk_size=16,
+                                                                        selfgen=False)),
     "selfmod-packed3-nosg-state": (dict(batch=1, seq=99, heads=1, docs=(21, 37, 41), given_state=True),
-                                   dict(chunk=16, proj_chunk=16, stopgrad_vhat=False)),
-    "titans-T100-C16-state": (dict(variant="titans", seq=100, given_state=True), dict(chunk=16)),
-    "titans-depth1-T63-C5x3": (dict(variant="titans", depth=1, heads=1), dict(chunk=5, proj_chunk=15)),
+                                   dict(chunk_size=16, proj_chunk_size=16, stopgrad_vhat=False)),
+    "titans-T100-C16-state": (dict(variant="titans", seq=100, given_state=True), dict(chunk_size=16)),
+    "titans-depth1-T63-C5x3": (dict(variant="titans", depth=1, heads=1), dict(chunk_size=5, proj_chunk_size=15)),
 }
 
 
@@ -120,11 +121,11 @@ def test_matches_reference(name):
     assert_matches(got, want, 1e-4, 1e-4)
 
 
-@pytest.mark.parametrize("chunk,proj_chunk", [(1, 2), (3, 9), (16, 16), (32, 64)])
-def test_chunk_lengths_forward(chunk, proj_chunk):
+@pytest.mark.parametrize("chunk_size,proj_chunk_size", [(1, 2), (3, 9), (16, 16), (32, 64)])
+def test_chunk_lengths_forward(chunk_size, proj_chunk_size):
     """Outputs and final state for chunk lengths below, at and above the 16-row tile."""
     q, params, inputs, _ = make_problem(batch=1, seq=63, heads=1)
-    kw = dict(output_final_state=True, chunk=chunk, proj_chunk=proj_chunk, w1_delta=False)
+    kw = dict(output_final_state=True, chunk_size=chunk_size, proj_chunk_size=proj_chunk_size, w1_delta=False)
     o, final = hope_memory(cast(q, torch.float32), cast(params, torch.float32),
                            **{n: cast(x, torch.float32) for n, x in inputs.items()}, **kw, impl="triton")
     o_ref, final_ref = hope_memory(q, params, **inputs, **kw, impl="naive")
@@ -134,11 +135,11 @@ def test_chunk_lengths_forward(chunk, proj_chunk):
 
 def test_two_segments_equal_one():
     """Carrying the final state into a second call equals one long call (first segment a
-    multiple of proj_chunk), and the public dispatch reaches the same kernels."""
+    multiple of proj_chunk_size), and the public dispatch reaches the same kernels."""
     q, params, inputs, _ = make_problem(batch=1, seq=48, heads=1)
     q, params = cast(q, torch.float32), cast(params, torch.float32)
     inputs = {n: cast(x, torch.float32) for n, x in inputs.items()}
-    kw = dict(output_final_state=True, chunk=8, proj_chunk=16, impl="triton", w1_delta=False)
+    kw = dict(output_final_state=True, chunk_size=8, proj_chunk_size=16, impl="triton", w1_delta=False)
     o, final = hope_memory(q, params, **inputs, **kw)
     first = {n: x[:, :32] for n, x in inputs.items()}
     second = {n: x[:, 32:] for n, x in inputs.items()}
@@ -155,8 +156,8 @@ def test_16bit_inputs():
     rounded = lambda x: cast(cast(x, torch.bfloat16), torch.float64)
     q, params = rounded(q), cast(cast(params, torch.bfloat16), torch.float64)
     inputs = {n: rounded(x) for n, x in inputs.items()}
-    got = forward_backward("triton", torch.bfloat16, q, params, inputs, None, chunk=8, proj_chunk=16)
-    want = forward_backward("naive", torch.float64, q, params, inputs, None, chunk=8, proj_chunk=16)
+    got = forward_backward("triton", torch.bfloat16, q, params, inputs, None, chunk_size=8, proj_chunk_size=16)
+    want = forward_backward("naive", torch.float64, q, params, inputs, None, chunk_size=8, proj_chunk_size=16)
     assert got[0].dtype == torch.bfloat16 and got[1].w2.dtype == torch.float32
     assert all(g.dtype == torch.bfloat16 for g in got[2].values())
     assert_matches(got, want, 5e-3, 1e-2)
@@ -164,7 +165,8 @@ def test_16bit_inputs():
 
 def _triton_problem(**make):
     q, params, inputs, _ = make_problem(**make)
-    return dict(q=q.float(), params=cast(params, torch.float32), a=inputs["a"].float(), chunk=16, proj_chunk=32,
+    return dict(q=q.float(), params=cast(params, torch.float32), a=inputs["a"].float(), chunk_size=16,
+                proj_chunk_size=32,
                 w1_delta=False)
 
 
@@ -173,7 +175,7 @@ def _triton_problem(**make):
     (lambda p: p.update(_triton_problem(d_m=48)), ValueError, r"d_m .* = 48: .* power of two"),
     (lambda p: p.update(q=p["q"].double(), a=p["a"].double(), params=cast(p["params"], torch.float64)),
      ValueError, "float32, bfloat16 or float16"),
-    (lambda p: p.update(proj_chunk=24), ValueError, "multiple of chunk"),
+    (lambda p: p.update(proj_chunk_size=24), ValueError, "multiple of chunk"),
     (lambda p: p.update(a=p["a"][:, :10]), ValueError, r"a \(selfmod, n_mem = 5\) has shape"),
     (lambda p: p.update(params=p["params"]._replace(gamma=torch.zeros(2))), NotImplementedError,
      r'params.gamma .* impl="torch"'),
@@ -205,7 +207,7 @@ def test_bf16_on_gpu_matches_float32_reference(variant):
     q, params, inputs, _ = make_problem(variant=variant, batch=2, seq=300, heads=4, d_h=64)
     poison = torch.full((64 << 20,), float("nan"), device=DEVICE)
     del poison
-    kw = dict(chunk=64, proj_chunk=128)  # forward_backward runs w1_delta=False
+    kw = dict(chunk_size=64, proj_chunk_size=128)  # forward_backward runs w1_delta=False
     got = forward_backward("triton", torch.bfloat16, q, params, inputs, None, **kw)
     want = forward_backward("naive", torch.float32, q, params, inputs, None, **kw)
     assert torch.isfinite(got[0]).all() and all(torch.isfinite(g).all() for g in got[2].values())

@@ -11,7 +11,7 @@ MIXERS = ["selfmod", "titans", "attention"]
 
 def tiny(mixer, **kw):
     overrides = [f"--model.mixer={mixer}", "--model.vocab_size=64", "--model.d_model=32",
-                 "--model.n_heads=2", "--model.chunk=4", "--model.proj_chunk=8"]
+                 "--model.n_heads=2", "--model.chunk_size=4", "--model.proj_chunk_size=8"]
     overrides += [f"--model.{k}={v}" for k, v in kw.items()]
     torch.manual_seed(0)
     model = build_model(load_config("configs/tiny.yaml", overrides).model).double()

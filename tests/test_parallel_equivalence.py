@@ -172,7 +172,7 @@ def test_layouts_match_single_process(random_dataset, references, tmp_path, worl
     runs = {}
     for name, (rep, shard, tp, pp, extra) in LAYOUTS[world].items():
         layout = {"parallel.dp_replicate": rep, "parallel.dp_shard": shard, "parallel.tp": tp,
-                  "parallel.pp": pp, "parallel.microbatches": 2, **extra}
+                  "parallel.pp": pp, "parallel.pp_microbatches": 2, **extra}
         runs[name] = overrides(random_dataset, tmp_path / name, **layout)
     results = run_layouts(runs, world, tmp_path)
     for name, (rep, shard, tp, pp, extra) in LAYOUTS[world].items():

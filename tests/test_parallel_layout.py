@@ -38,9 +38,9 @@ def test_trainer_rejects_layout_before_any_work(random_dataset, tmp_path, monkey
     ({"parallel.tp": 3, "model.n_heads": 4, "model.d_model": 48}, "does not divide model.n_heads=4"),
     ({"parallel.pp": 3, "model.n_layers": 2}, "parallel.pp=3 is larger than model.n_layers=2"),
     ({"parallel.tp": 2, "model.vocab_size": 97}, "not divisible by parallel.tp=2"),
-    ({"parallel.pp": 2, "parallel.microbatches": 3}, "multiple of parallel.microbatches=3"),
-    ({"parallel.pp": 2, "parallel.microbatches": 1}, "must be a multiple of parallel.pp=2"),
-    ({"parallel.pp": 2, "parallel.microbatches": 2, "parallel.pp_schedule": "interleaved_1f1b"},
+    ({"parallel.pp": 2, "parallel.pp_microbatches": 3}, "multiple of parallel.pp_microbatches=3"),
+    ({"parallel.pp": 2, "parallel.pp_microbatches": 1}, "must be a multiple of parallel.pp=2"),
+    ({"parallel.pp": 2, "parallel.pp_microbatches": 2, "parallel.pp_schedule": "interleaved_1f1b"},
      "model.n_layers=2 must be >= 4"),
 ])
 def test_bad_layouts_are_config_errors(random_dataset, tmp_path, override, key):

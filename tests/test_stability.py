@@ -66,7 +66,7 @@ def test_recorded_input_diverged_under_heavy_ball_momentum():
 @pytest.mark.parametrize("impl", ["naive", "torch"])
 def test_recorded_input_stays_bounded(impl):
     q, params, inputs = recorded_input()
-    o, final = hope_memory(q, params, **inputs, chunk=CHUNK, proj_chunk=2 * CHUNK, output_final_state=True,
+    o, final = hope_memory(q, params, **inputs, chunk_size=CHUNK, proj_chunk_size=2 * CHUNK, output_final_state=True,
                            impl=impl)
     assert torch.isfinite(o).all()
     assert o.abs().max() < 10  # |q| = 1 and the memory starts near the identity
@@ -82,7 +82,7 @@ def recorded_selfmod_input():
 
 def test_recorded_selfmod_input_blew_up_under_gated_w1():
     q, params, a = recorded_selfmod_input()
-    _, final = hope_memory(q, params, a=a, chunk=CHUNK, proj_chunk=2 * CHUNK, output_final_state=True,
+    _, final = hope_memory(q, params, a=a, chunk_size=CHUNK, proj_chunk_size=2 * CHUNK, output_final_state=True,
                            w1_delta=False, impl="naive")
     assert final.w1.norm() > 1e6 * params.w1.norm()
 
@@ -90,7 +90,8 @@ def test_recorded_selfmod_input_blew_up_under_gated_w1():
 @pytest.mark.parametrize("impl", ["naive", "torch"])
 def test_recorded_selfmod_input_stays_bounded(impl):
     q, params, a = recorded_selfmod_input()
-    o, final = hope_memory(q, params, a=a, chunk=CHUNK, proj_chunk=2 * CHUNK, output_final_state=True, impl=impl)
+    o, final = hope_memory(q, params, a=a, chunk_size=CHUNK, proj_chunk_size=2 * CHUNK, output_final_state=True,
+                           impl=impl)
     assert torch.isfinite(o).all() and o.abs().max() < 10
     assert final.w1.norm() < 4 * params.w1.norm() and final.w2.norm() < 4 * params.w2.norm()
 

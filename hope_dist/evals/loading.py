@@ -53,7 +53,7 @@ class Loaded:
         return {"source": self.source, "kind": self.kind, "step": self.step, "mixer": self.cfg.mixer,
                 "parameters": sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values()),
                 "vocab_size": self.cfg.vocab_size, "train_seq_len": self.seq_len,
-                "proj_chunk": self.cfg.proj_chunk, "tokenizer": self.tokenizer, "eod_id": self.eod_id,
+                "proj_chunk_size": self.cfg.proj_chunk_size, "tokenizer": self.tokenizer, "eod_id": self.eod_id,
                 "device": str(self.device), "dtype": str(next(self.model.parameters()).dtype)}
 
 

@@ -5,7 +5,7 @@ any length in segments of S tokens, handing the state from one segment to the ne
 (model(x, state=..., return_state=True)). If the memory helps, loss at late positions is lower
 with the state carried than with it reset at every segment. The memory op counts its chunks
 from the start of each call, so carrying equals one long forward exactly only when S is a
-multiple of model.state_span (proj_chunk, and in-context CMS chunks, which count the same way;
+multiple of model.state_span (proj_chunk_size, and in-context CMS chunks, which count the same way;
 checked; tests/test_evaluate.py checks the equality to 1e-5).
 Attention has no fixed-size state: carrying it means a KV cache over the whole document, at
 positions past the trained window, so attention is scored within its window only (reset).
@@ -28,7 +28,7 @@ ATTENTION_NOTE = ("attention has no fixed-size state to carry (carrying would me
 
 
 def check_segment(model: torch.nn.Module, segment: int, length: int | None = None) -> None:
-    """S must be a positive multiple of model.state_span (memory mixers: proj_chunk and the in-context
+    """S must be a positive multiple of model.state_span (memory mixers: proj_chunk_size and the in-context
     CMS chunks) and shorter than the documents."""
     cfg = model.cfg
     if segment < 1:
@@ -37,7 +37,7 @@ def check_segment(model: torch.nn.Module, segment: int, length: int | None = Non
     if cfg.mixer != "attention" and segment % span:
         lo = segment // span * span
         chunks = [c for c in cfg.cms_chunks if c]
-        what = f"model.proj_chunk={cfg.proj_chunk}" + (f" and the in-context CMS chunks {chunks} (lcm {span})"
+        what = f"model.proj_chunk_size={cfg.proj_chunk_size}" + (f" and the in-context CMS chunks {chunks} (lcm {span})"
                                                        if chunks else "")
         raise EvalError(f"--segment {segment} is not a multiple of {what}: the memory op (and in-context CMS levels) "
                         f"count chunks from the start of each call, so only such segments carry the state exactly; "

@@ -144,7 +144,7 @@ def _expand(state, n: int):
 
 def model_scorer(model: torch.nn.Module, feed: int = 1024) -> Callable[[Sample], list[float]]:
     """Total log-probability of each candidate after the context. The context up to the last
-    state_span boundary is read once in segments (a multiple of it: proj_chunk, CMS chunks) with the state
+    state_span boundary is read once in segments (a multiple of it: proj_chunk_size, CMS chunks) with the state
     carried; the rest of it and each candidate then run as one batch from copies of that state."""
     span = model.cfg.state_span
     feed = max(span, feed // span * span)

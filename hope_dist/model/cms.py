@@ -40,11 +40,11 @@ class CMSLevelBlock(nn.Module):
     """z_l = z_{l-1} + MLP_l(RMSNorm_l(z_{l-1})), updated by the optimizer every `period` steps;
     with chunk > 0 the down projection also learns in context every `chunk` tokens."""
 
-    def __init__(self, cfg: ModelConfig, level: CMSLevel, chunk: int):
+    def __init__(self, cfg: ModelConfig, level: CMSLevel, chunk_size: int):
         super().__init__()
         self.period = level.period
         self.lr_scale = level.lr_scale
-        self.chunk = chunk
+        self.chunk_size = chunk_size
         self.inner_lr = cfg.cms_inner_lr
         self.stopgrad_writes = cfg.cms_stopgrad_writes
         self.kernel = "naive" if cfg.kernel == "naive" else "torch"
@@ -54,13 +54,13 @@ class CMSLevelBlock(nn.Module):
 
     def forward(self, z: torch.Tensor, segs: Segments | None = None,
                 state: CMSState | None = None) -> tuple[torch.Tensor, CMSState | None]:
-        if not self.chunk:
+        if not self.chunk_size:
             return z + self.mlp(self.norm(z)), None
         x = self.norm(z)
         h = F.silu(self.mlp.gate(x)) * self.mlp.up(x)
         y_slow = self.mlp.down(h)
         seg = segs.seg if segs is not None and segs.cu_seqlens is not None else None
-        y_fast, new_state = cms_in_context(h, y_slow, z, chunk=self.chunk, lr=self.inner_lr, seg=seg,
+        y_fast, new_state = cms_in_context(h, y_slow, z, chunk_size=self.chunk_size, lr=self.inner_lr, seg=seg,
                                            initial_state=state, stopgrad_writes=self.stopgrad_writes,
                                            impl=self.kernel, group=self.tp_group)
         return z + y_slow + y_fast.to(z.dtype), new_state
@@ -69,7 +69,8 @@ class CMSLevelBlock(nn.Module):
 class CMS(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.levels = nn.ModuleList(CMSLevelBlock(cfg, lvl, chunk) for lvl, chunk in zip(cfg.cms, cfg.cms_chunks))
+        self.levels = nn.ModuleList(CMSLevelBlock(cfg, lvl, chunk_size) for lvl, chunk_size in zip(cfg.cms,
+                                                                                                   cfg.cms_chunks))
         self.in_context = any(cfg.cms_chunks)
 
     def forward(self, h: torch.Tensor, segs: Segments | None = None,

@@ -4,7 +4,7 @@ A run whose memories are about to blow up shows it here first: the fast weights'
 of a document grows, the inner loss grows, eta climbs or alpha drops. One sample is probed per
 layer and step (the longest document of the micro-batch's first row, exactly as training runs it:
 same conv features, a fresh state at the document start), without gradients. The document is read
-in proj_chunk segments with the state carried (equal to one call by the op's contract), so the
+in proj_chunk_size segments with the state carried (equal to one call by the op's contract), so the
 chunk-start state of every segment is at hand for eta, alpha and the inner loss.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from kernels.hope_memory import hope_memory
-from kernels.hope_memory.common import heads_first, initial_memory_state, memory_forward, projections
+from kernels.hope_memory.common import heads_first, initial_memory_state, apply_memory, projections
 from kernels.hope_memory.types import MemoryParams
 
 STATS = ("fw_norm_max", "fw_norm_mean", "eta_mean", "alpha_mean", "inner_loss")
@@ -33,8 +33,8 @@ def memory_health(q: torch.Tensor, params: MemoryParams, inputs: dict, common: d
     """q (1, T, H, d_h) and the op's inputs for one document; common: the op's chunk/flag kwargs.
     Returns STATS: the final fast weights' Frobenius norm (max and mean over memories and heads,
     W1 and W2 together), the mean eta and alpha, and the mean inner loss 1/2 ||M_o(k) - vhat||^2 of
-    M_o, all at the last proj_chunk boundary."""
-    span = common["proj_chunk"]
+    M_o, all at the last proj_chunk_size boundary."""
+    span = common["proj_chunk_size"]
     selfmod = "a" in inputs
     state = initial_memory_state(params, 1)
     etas, alphas, losses = [], [], []
@@ -47,8 +47,8 @@ def memory_health(q: torch.Tensor, params: MemoryParams, inputs: dict, common: d
         else:
             k, v, eta, alpha = (heads_first(part[n]) for n in ("k", "v", "eta", "alpha"))
         o1, o2 = (None if w1 is None else w1[:, -1:]), w2[:, -1:]
-        vhat = memory_forward(o1, o2, v) if selfmod and common["selfgen"] else v
-        losses.append(0.5 * (memory_forward(o1, o2, k) - vhat).square().sum(-1).flatten())
+        vhat = apply_memory(o1, o2, v) if selfmod and common["selfgen"] else v
+        losses.append(0.5 * (apply_memory(o1, o2, k) - vhat).square().sum(-1).flatten())
         etas.append(eta.flatten())
         alphas.append(alpha.flatten())
         _, state = hope_memory(q[:, t0:t0 + span], params, **part, **common, initial_state=state,

@@ -117,7 +117,8 @@ class MemoryMixer(nn.Module):
 
     def _op_flags(self) -> dict:
         c = self.cfg
-        return dict(chunk=c.chunk, proj_chunk=c.proj_chunk, eta_max=c.eta_max, selfgen=c.selfgen_values,
+        return dict(chunk_size=c.chunk_size, proj_chunk_size=c.proj_chunk_size, eta_max=c.eta_max,
+                    selfgen=c.selfgen_values,
                     stopgrad_vhat=c.stopgrad_vhat, w1_delta=c.w1_delta)
 
     def _kernel(self, device: torch.device) -> str:

@@ -52,7 +52,7 @@ def parallelize(model: HopeModel, cfg: JobConfig, dims: ParallelDims, device: to
     lines = [f"layout: pp={p.pp} dp_replicate={p.dp_replicate} dp_shard={p.dp_shard} tp={p.tp}"]
     if p.pp > 1:
         views, stage_ids, n_stages, split = split_model(model, cfg, dims.pp_rank)
-        lines.append(f"pipeline: {p.pp_schedule}, {p.microbatches} microbatches per micro-batch\n{split}")
+        lines.append(f"pipeline: {p.pp_schedule}, {p.pp_microbatches} microbatches per micro-batch\n{split}")
     if tp_mesh is not None:
         apply_tp(model, tp_mesh)
     if p.activation_checkpoint:

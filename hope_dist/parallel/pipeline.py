@@ -136,7 +136,7 @@ class Pipeline:
     def __init__(self, views: list[_StageView], stage_ids: list[int], n_stages: int, cfg: JobConfig,
                  device: torch.device, group, loss_fn, logits_dtype: torch.dtype):
         self.views = views
-        self.n_micro = cfg.parallel.microbatches
+        self.n_micro = cfg.parallel.pp_microbatches
         self.first = 0 in stage_ids
         self.last = n_stages - 1 in stage_ids
         m = cfg.model

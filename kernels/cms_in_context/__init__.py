@@ -27,7 +27,7 @@ __all__ = ["CMSState", "cms_in_context"]
 IMPLS = ("naive", "torch")
 
 
-def cms_in_context(h: torch.Tensor, y_slow: torch.Tensor, z: torch.Tensor, *, chunk: int, lr: float,
+def cms_in_context(h: torch.Tensor, y_slow: torch.Tensor, z: torch.Tensor, *, chunk_size: int, lr: float,
                    seg: torch.Tensor | None = None, initial_state: CMSState | None = None,
                    stopgrad_writes: bool = False, impl: str = "torch",
                    group=None) -> tuple[torch.Tensor, CMSState]:
@@ -35,25 +35,25 @@ def cms_in_context(h: torch.Tensor, y_slow: torch.Tensor, z: torch.Tensor, *, ch
     (summed over ranks); z (B, T, d): the level's input, the targets. seg (B, T) int: document index
     per token (None: one document per row). initial_state: what an earlier call returned (None: fresh).
     group: the tensor-parallel process group (chunked path only). Returns (y_fast (B, T, d), state)."""
-    _check(h, y_slow, z, chunk, lr, seg, initial_state, impl, group)
+    _check(h, y_slow, z, chunk_size, lr, seg, initial_state, impl, group)
     dtype = torch.promote_types(h.dtype, torch.float32)
     cast = lambda x: None if x is None else x.to(dtype)
     with torch.autocast(h.device.type, enabled=False):
         state = None if initial_state is None else CMSState(*map(cast, initial_state))
-        args = (cast(h), cast(y_slow), cast(z), seg, state, chunk, float(lr), stopgrad_writes)
+        args = (cast(h), cast(y_slow), cast(z), seg, state, chunk_size, float(lr), stopgrad_writes)
         if impl == "naive":
             return naive_cms_in_context(*args)
         return chunk_cms_in_context(*args, group=group)
 
 
-def _check(h, y_slow, z, chunk, lr, seg, state, impl, group) -> None:
+def _check(h, y_slow, z, chunk_size, lr, seg, state, impl, group) -> None:
     """Shapes and flags, with errors naming the argument."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "naive" and group is not None:
         raise ValueError("impl='naive' is the single-process reference: it takes no tensor-parallel group")
-    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
-        raise ValueError(f"chunk must be a positive int (tokens per in-context update), got {chunk!r}")
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int (tokens per in-context update), got {chunk_size!r}")
     if not 0 < lr <= 1:
         raise ValueError(f"lr must be in (0, 1] (the normalised step), got {lr!r}")
     if not isinstance(h, torch.Tensor) or h.dim() != 3 or not h.is_floating_point() or h.shape[1] == 0:

@@ -41,17 +41,17 @@ class _Copy(torch.autograd.Function):
         return g, None
 
 
-def _masks(seg: torch.Tensor | None, B: int, T: int, chunk: int, device, dtype):
+def _masks(seg: torch.Tensor | None, B: int, T: int, chunk_size: int, device, dtype):
     """read (B, T): token t reads the deviation (no document start since its chunk began);
     pair (B, T): the pair ending at t counts in its chunk's step (same document as the chunk's last
     token, and not a document start); keep (B, n_chunks): the deviation survives the chunk."""
     if seg is None:
         ones = torch.ones(B, T, device=device, dtype=dtype)
-        return ones, ones, torch.ones(B, -(-T // chunk), device=device, dtype=dtype)
-    starts = torch.arange(0, T, chunk, device=device)
-    lasts = (starts + chunk).clamp(max=T) - 1
+        return ones, ones, torch.ones(B, -(-T // chunk_size), device=device, dtype=dtype)
+    starts = torch.arange(0, T, chunk_size, device=device)
+    lasts = (starts + chunk_size).clamp(max=T) - 1
     owner = seg[:, (starts - 1).clamp(min=0)]  # document of the token before each chunk (row start: its own)
-    per_token = torch.arange(T, device=device) // chunk
+    per_token = torch.arange(T, device=device) // chunk_size
     read = seg == owner[:, per_token]
     same_prev = torch.ones_like(read)
     same_prev[:, 1:] = seg[:, 1:] == seg[:, :-1]
@@ -60,24 +60,24 @@ def _masks(seg: torch.Tensor | None, B: int, T: int, chunk: int, device, dtype):
     return read.to(dtype), pair.to(dtype), keep.to(dtype)
 
 
-def chunk_cms_in_context(h, y_slow, z, seg, state: CMSState | None, chunk: int, lr: float,
+def chunk_cms_in_context(h, y_slow, z, seg, state: CMSState | None, chunk_size: int, lr: float,
                          stopgrad_writes: bool, group=None) -> tuple[torch.Tensor, CMSState]:
     B, T, f = h.shape
     d = z.shape[-1]
     reduce = (lambda x: _Reduce.apply(x, group)) if group is not None else (lambda x: x)
     copy = (lambda x: _Copy.apply(x, group)) if group is not None else (lambda x: x)
     delta, key, key_out = state if state is not None else fresh_state(h, d)
-    read, pair, keep = _masks(seg, B, T, chunk, h.device, h.dtype)
+    read, pair, keep = _masks(seg, B, T, chunk_size, h.device, h.dtype)
     keys = torch.cat([key[:, None], h], dim=1)  # keys[:, t] = h_{t-1}; keys[:, t + 1] = h_t
     key_outs = torch.cat([key_out[:, None], y_slow[:, :-1]], dim=1)  # slow output of keys[:, t]
-    n_chunks = -(-T // chunk)
+    n_chunks = -(-T // chunk_size)
     norms = reduce(keys[:, :T].square().sum(-1) * pair)  # (B, T), summed over the hidden axis
-    pad = n_chunks * chunk - T
-    norms = torch.nn.functional.pad(norms, (0, pad)).view(B, n_chunks, chunk).sum(-1)
+    pad = n_chunks * chunk_size - T
+    norms = torch.nn.functional.pad(norms, (0, pad)).view(B, n_chunks, chunk_size).sum(-1)
     step = copy(lr / (norms + NORM_EPS))  # (B, n_chunks)
     out = []
-    for c, s in enumerate(range(0, T, chunk)):
-        e = min(s + chunk, T)
+    for c, s in enumerate(range(0, T, chunk_size)):
+        e = min(s + chunk_size, T)
         fast = reduce(keys[:, s:e + 1] @ delta.mT)  # rows: h_{s-1} (the key of pair s), h_s, ..., h_{e-1}
         m = read[:, s:e, None]
         out.append(fast[:, 1:] * m)

@@ -30,7 +30,7 @@ def fresh_state(h: torch.Tensor, d: int) -> CMSState:
     return CMSState(h.new_zeros(B, d, f), h.new_zeros(B, f), h.new_zeros(B, d))
 
 
-def naive_cms_in_context(h, y_slow, z, seg, state: CMSState | None, chunk: int, lr: float,
+def naive_cms_in_context(h, y_slow, z, seg, state: CMSState | None, chunk_size: int, lr: float,
                          stopgrad_writes: bool) -> tuple[torch.Tensor, CMSState]:
     """Token loop. At t % chunk == 0 (t > 0) the accumulated step is applied; at a document start
     the deviation, the accumulators and the pending key reset. Then y_fast_t = delta h_t, and the pair
@@ -42,7 +42,7 @@ def naive_cms_in_context(h, y_slow, z, seg, state: CMSState | None, chunk: int, 
     sg = (lambda x: x.detach()) if stopgrad_writes else (lambda x: x)
     out = []
     for t in range(T):
-        if t and t % chunk == 0:
+        if t and t % chunk_size == 0:
             delta = delta - sg(lr / (norm + NORM_EPS))[:, None, None] * grad
             grad, norm = torch.zeros_like(grad), torch.zeros_like(norm)
         if t and seg is not None:

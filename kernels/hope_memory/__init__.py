@@ -10,9 +10,9 @@ Conventions this op fixes where the spec leaves them open (all paths follow them
   carries them, and the state carries them (s1, s2) exactly when momentum is on.
 - Chunks are counted from the start of every call (and of every packed document): a state passed
   between calls carries no chunk phase, so two segments equal one long sequence when the first
-  segment's length is a multiple of proj_chunk. The last chunk of a sequence may be short.
+  segment's length is a multiple of proj_chunk_size. The last chunk of a sequence may be short.
 - The PyTorch paths (naive, torch) compute in float32 for 16-bit inputs, outside autocast.
-- proj_chunk must be a multiple of chunk for titans too (where it has no other effect). Packed
+- proj_chunk_size must be a multiple of chunk for titans too (where it has no other effect). Packed
   documents (cu_seqlens) must be non-empty, on every path.
 - Inputs are validated once, here, for every path (errors name the argument and the fix); the
   paths themselves trust their arguments. impl="triton" adds its own limits to the same check: no
@@ -58,8 +58,8 @@ def hope_memory(
     cu_seqlens: torch.Tensor | None = None,
     cu_seqlens_cpu: torch.Tensor | None = None,
     max_seqlen: int | None = None,
-    chunk: int = 64,
-    proj_chunk: int = 64,
+    chunk_size: int = 64,
+    proj_chunk_size: int = 64,
     eta_max: float = 1.0,
     selfgen: bool = True,
     stopgrad_vhat: bool = True,
@@ -76,7 +76,8 @@ def hope_memory(
     document starts from its own state (initial_state batch N, or the params) and the final state
     has batch N. cu_seqlens_cpu: the same offsets on the host (saves the device sync that reading
     them would need); max_seqlen: the longest document (computed from the host offsets when None;
-    required under torch.compile). chunk: M_o's chunk; proj_chunk (a multiple of chunk): the projection memories'.
+    required under torch.compile). chunk_size: M_o's chunk length;
+    proj_chunk_size (a multiple of chunk_size): the projection memories'.
     selfgen: vhat_* = M_{*,c}(v_t) (selfmod only); stopgrad_vhat detaches those targets.
     w1_delta (depth 2): W1 follows the delta rule along its unit input l2norm(h) (the default, stable;
     docs/memory_op.md), else the spec's gated update alpha W1 - eta S1 (the only one Triton has).
@@ -86,11 +87,11 @@ def hope_memory(
     flags = dict(output_final_state=output_final_state, selfgen=selfgen, stopgrad_vhat=stopgrad_vhat,
                  w1_delta=w1_delta)
     max_seqlen = _check_inputs(q, params, a, k, v, eta, alpha, initial_state, cu_seqlens, cu_seqlens_cpu,
-                               max_seqlen, chunk, proj_chunk, eta_max, impl, flags)
+                               max_seqlen, chunk_size, proj_chunk_size, eta_max, impl, flags)
     kwargs = dict(a=a, k=k, v=v, eta=eta, alpha=alpha, initial_state=initial_state,
-                  output_final_state=output_final_state, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, chunk=chunk,
-                  proj_chunk=proj_chunk, eta_max=eta_max, selfgen=selfgen, stopgrad_vhat=stopgrad_vhat,
-                  w1_delta=w1_delta)
+                  output_final_state=output_final_state, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                  chunk_size=chunk_size, proj_chunk_size=proj_chunk_size, eta_max=eta_max, selfgen=selfgen,
+                  stopgrad_vhat=stopgrad_vhat, w1_delta=w1_delta)
     if impl == "triton":
         from .chunk import chunk_hope_memory
 
@@ -143,7 +144,7 @@ def _check_absent(name: str, x, why: str) -> None:
 
 
 def _check_inputs(q, params, a, k, v, eta, alpha, initial_state, cu_seqlens, cu_seqlens_cpu, max_seqlen,
-                  chunk, proj_chunk, eta_max, impl, flags: dict) -> int | None:
+                  chunk_size, proj_chunk_size, eta_max, impl, flags: dict) -> int | None:
     """Every shape, dtype and flag combination, with errors naming the argument, and the limits of
     the chosen impl: the one validation of the op, for every path. Reads packed offsets only on the
     host; returns max_seqlen (None without cu_seqlens)."""
@@ -187,10 +188,11 @@ def _check_inputs(q, params, a, k, v, eta, alpha, initial_state, cu_seqlens, cu_
             _check_absent(f"params.{name}", getattr(params, name), "for titans (n_mem = 1): it has no M_eta/M_alpha")
     if params.gamma is not None:
         _check_shape("params.gamma", params.gamma, (heads,), q)
-    if not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
-    if not isinstance(proj_chunk, int) or proj_chunk < 1 or proj_chunk % chunk:
-        raise ValueError(f"proj_chunk must be a positive multiple of chunk = {chunk}, got {proj_chunk!r}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if not isinstance(proj_chunk_size, int) or proj_chunk_size < 1 or proj_chunk_size % chunk_size:
+        raise ValueError(f"proj_chunk_size must be a positive multiple of chunk_size = {chunk_size}, "
+                         f"got {proj_chunk_size!r}")
     if not eta_max >= 0:
         raise ValueError(f"eta_max must be >= 0, got {eta_max!r}")
     n_seq = batch

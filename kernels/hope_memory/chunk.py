@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from kernels.hope_memory.chunk_bwd import memory_backward
-from kernels.hope_memory.chunk_fwd import memory_forward
+from kernels.hope_memory.chunk_fwd import chunk_forward
 from kernels.hope_memory.types import MemoryParams, MemoryState
 
 
@@ -33,13 +33,13 @@ def _f32(x):
 def _forward_op(q: Tensor, a: Tensor | None, k: Tensor | None, v: Tensor | None, eta: Tensor | None,
                 alpha: Tensor | None, w1: Tensor | None, w2: Tensor, eta_w: Tensor | None,
                 eta_b: Tensor | None, alpha_w: Tensor | None, alpha_b: Tensor | None, cu: Tensor,
-                chunk: int, proj_chunk: int, eta_max: float, selfgen: bool,
+                chunk_size: int, proj_chunk_size: int, eta_max: float, selfgen: bool,
                 stopgrad_vhat: bool, max_seqlen: int) -> tuple[Tensor, Tensor, Tensor]:
     """o (B, T, H, d_h) and the float32 final state w1 (empty at depth 1), w2. stopgrad_vhat is
     only for the backward."""
-    o, hist_w1, hist_w2, _ = memory_forward(
+    o, hist_w1, hist_w2, _ = chunk_forward(
         *map(_flat, (q, a, k, v, eta, alpha)), *map(_f32, (w1, w2, eta_w, eta_b, alpha_w, alpha_b)), cu,
-        chunk=chunk, proj_chunk=proj_chunk, eta_max=eta_max, selfgen=selfgen, max_seqlen=max_seqlen)
+        chunk_size=chunk_size, proj_chunk_size=proj_chunk_size, eta_max=eta_max, selfgen=selfgen, max_seqlen=max_seqlen)
     w1_final = w2.new_empty(0, dtype=torch.float32) if hist_w1 is None else hist_w1[-1].clone()
     return o.view(q.shape), w1_final, hist_w2[-1].clone()
 
@@ -55,15 +55,15 @@ def _backward_op(do: Tensor, dw1_final: Tensor | None, dw2_final: Tensor | None,
                  a: Tensor | None, k: Tensor | None, v: Tensor | None, eta: Tensor | None,
                  alpha: Tensor | None, w1: Tensor | None, w2: Tensor, eta_w: Tensor | None,
                  eta_b: Tensor | None, alpha_w: Tensor | None, alpha_b: Tensor | None, cu: Tensor,
-                 chunk: int, proj_chunk: int, eta_max: float, selfgen: bool,
+                 chunk_size: int, proj_chunk_size: int, eta_max: float, selfgen: bool,
                  stopgrad_vhat: bool, max_seqlen: int) -> list[Tensor]:
     """Gradients of (q, a, k, v, eta, alpha, w1, w2, eta_w, eta_b, alpha_w, alpha_b) in their
     dtypes and shapes; an input that is None gets an empty tensor. Recomputes the chunk-start
     states (one forward without the read-out) instead of saving them."""
     inputs = (q, a, k, v, eta, alpha, w1, w2, eta_w, eta_b, alpha_w, alpha_b)
     flat, weights = list(map(_flat, inputs[:6])), list(map(_f32, inputs[6:]))
-    opts = dict(chunk=chunk, proj_chunk=proj_chunk, eta_max=eta_max, selfgen=selfgen)
-    _, hist_w1, hist_w2, kvea = memory_forward(*flat, *weights, cu, readout=False, max_seqlen=max_seqlen, **opts)
+    opts = dict(chunk_size=chunk_size, proj_chunk_size=proj_chunk_size, eta_max=eta_max, selfgen=selfgen)
+    _, hist_w1, hist_w2, kvea = chunk_forward(*flat, *weights, cu, readout=False, max_seqlen=max_seqlen, **opts)
     grads = memory_backward(
         do.reshape(flat[0].shape), None if dw1_final is None or w1 is None else dw1_final, dw2_final,
         flat[0], flat[1], kvea, hist_w1, hist_w2, *weights[2:], cu, stopgrad_vhat=stopgrad_vhat, **opts)
@@ -92,7 +92,7 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 def chunk_hope_memory(q, params: MemoryParams, *, a=None, k=None, v=None, eta=None, alpha=None,
                       initial_state: MemoryState | None = None, output_final_state=False,
-                      cu_seqlens=None, max_seqlen=None, chunk=64, proj_chunk=64,
+                      cu_seqlens=None, max_seqlen=None, chunk_size=64, proj_chunk_size=64,
                       eta_max=1.0, selfgen=True, stopgrad_vhat=True):
     """Triton HOPE memory op; same contract as `kernels.hope_memory.hope_memory`, which validates
     the arguments and calls this (call that, not this: nothing is checked here). No momentum, and
@@ -115,7 +115,8 @@ def chunk_hope_memory(q, params: MemoryParams, *, a=None, k=None, v=None, eta=No
         w1, w2 = initial_state.w1, initial_state.w2
     o, w1_final, w2_final = _forward_op(
         q, a, k, v, eta, alpha, w1, w2, params.eta_w, params.eta_b, params.alpha_w, params.alpha_b, cu,
-        chunk, proj_chunk, float(eta_max), bool(selfgen) and a is not None, bool(stopgrad_vhat), int(max_seqlen))
+        chunk_size, proj_chunk_size, float(eta_max), bool(selfgen) and a is not None, bool(stopgrad_vhat),
+        int(max_seqlen))
     if not output_final_state:
         return o, None
     return o, MemoryState(None if depth == 1 else w1_final, w2_final)

@@ -17,8 +17,8 @@ def _zeros_or(x, like):
 
 
 def memory_backward(do, dw1_final, dw2_final, q, a, kvea, hist_w1, hist_w2, eta_w, eta_b, alpha_w,
-                    alpha_b, cu, *, chunk, proj_chunk, eta_max, selfgen, stopgrad_vhat):
-    """Arguments as `memory_forward` took and returned them (kvea: the k, v, eta, alpha it
+                    alpha_b, cu, *, chunk_size, proj_chunk_size, eta_max, selfgen, stopgrad_vhat):
+    """Arguments as `chunk_forward` took and returned them (kvea: the k, v, eta, alpha it
     returned), plus the gradients of o (tokens, H, d_h) and of the final state (None: unused).
     Returns float32 gradients (dq, da, dk, dv, deta, dalpha, dw1, dw2, deta_w, deta_b,
     dalpha_w, dalpha_b), None where the input does not exist (titans has no a, selfmod no k...)."""
@@ -29,7 +29,7 @@ def memory_backward(do, dw1_final, dw2_final, q, a, kvea, hist_w1, hist_w2, eta_
     depth = 1 if hist_w1 is None else 2
     hist_w1 = hist_w2 if depth == 1 else hist_w1  # stands in at depth 1, never read there
     selfmod = n_mem == 5
-    meta = kernel_meta(q, chunk, n_mem, depth, hist_w2.shape[4])
+    meta = kernel_meta(q, chunk_size, n_mem, depth, hist_w2.shape[4])
     dw2 = _zeros_or(dw2_final, hist_w2[0])
     dw1 = dw2 if depth == 1 else _zeros_or(dw1_final, hist_w1[0])
     dw2c, dw1c = torch.zeros_like(dw2), torch.zeros_like(dw1)
@@ -39,7 +39,7 @@ def memory_backward(do, dw1_final, dw2_final, q, a, kvea, hist_w1, hist_w2, eta_
     deta, dalpha = (torch.empty((n_mem, tokens, H), dtype=torch.float32, device=q.device) for _ in range(2))
     selfgen = selfgen and selfmod
     if selfmod:
-        n_sub = proj_chunk // chunk
+        n_sub = proj_chunk_size // chunk_size
         da = torch.empty((tokens, H, DH), dtype=torch.float32, device=q.device)
         part_w2 = hist_w2.new_empty((n_sub, N, 4) + tuple(hist_w2.shape[3:]))
         part_w1 = part_w2 if depth == 1 else hist_w1.new_empty((n_sub, N, 4) + tuple(hist_w1.shape[3:]))
@@ -48,7 +48,7 @@ def memory_backward(do, dw1_final, dw2_final, q, a, kvea, hist_w1, hist_w2, eta_
         dvec = q.new_zeros((H, 2, DH), dtype=torch.float32)
         dbias = q.new_zeros((H, 2), dtype=torch.float32)
     for step in reversed(range(steps)):
-        proj_step = step - (step * chunk % proj_chunk) // chunk if selfmod else step
+        proj_step = step - (step * chunk_size % proj_chunk_size) // chunk_size if selfmod else step
         chunk_bwd_kernel[(N * H, n_mem)](
             k, v, eta, alpha, q, do, hist_w1[step], hist_w2[step], hist_w1[proj_step], hist_w2[proj_step],
             dw1, dw2, dw1c, dw2c, dq, dk, dv, deta, dalpha, cu, step, N, H, tokens,

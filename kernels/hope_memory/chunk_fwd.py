@@ -19,19 +19,19 @@ def dot_precision(q: torch.Tensor) -> str:
     return "tf32x3" if q.is_cuda else "ieee"
 
 
-def kernel_meta(q: torch.Tensor, chunk: int, n_mem: int, depth: int, DM: int) -> dict:
+def kernel_meta(q: torch.Tensor, chunk_size: int, n_mem: int, depth: int, DM: int) -> dict:
     """Compile-time constants shared by the forward and backward kernels."""
-    return dict(CHUNK=chunk, BC=max(16, triton.next_power_of_2(chunk)), DH=q.shape[-1], DM=DM,
+    return dict(CHUNK=chunk_size, BC=max(16, triton.next_power_of_2(chunk_size)), DH=q.shape[-1], DM=DM,
                 DEPTH=depth, N_MEM=n_mem, PRECISION=dot_precision(q))
 
 
-def n_chunks(max_seqlen: int, chunk: int) -> int:
+def n_chunks(max_seqlen: int, chunk_size: int) -> int:
     """Chunks of the longest document (at least 1, so empty inputs still give a final state)."""
-    return max(1, triton.cdiv(max_seqlen, chunk))
+    return max(1, triton.cdiv(max_seqlen, chunk_size))
 
 
-def memory_forward(q, a, k, v, eta, alpha, w1, w2, eta_w, eta_b, alpha_w, alpha_b, cu, *,
-                   chunk, proj_chunk, eta_max, selfgen, max_seqlen, readout=True):
+def chunk_forward(q, a, k, v, eta, alpha, w1, w2, eta_w, eta_b, alpha_w, alpha_b, cu, *,
+                   chunk_size, proj_chunk_size, eta_max, selfgen, max_seqlen, readout=True):
     """q, a, k, v: (tokens, H, d_h), eta, alpha: (tokens, H), contiguous (a for selfmod, the
     others for titans); w1/w2: float32 (N, n_mem, H, ., .) initial state; cu: (N + 1,) int64
     offsets of the documents in the token axis. Returns o (tokens, H, d_h), the state history
@@ -42,7 +42,7 @@ def memory_forward(q, a, k, v, eta, alpha, w1, w2, eta_w, eta_b, alpha_w, alpha_
     tokens, H, DH = q.shape
     N, n_mem = w2.shape[:2]
     depth = 1 if w1 is None else 2
-    steps = n_chunks(max_seqlen, chunk)
+    steps = n_chunks(max_seqlen, chunk_size)
     hist_w2 = w2.new_empty((steps + 1,) + tuple(w2.shape))
     hist_w2[0] = w2
     hist_w1 = hist_w2
@@ -55,12 +55,12 @@ def memory_forward(q, a, k, v, eta, alpha, w1, w2, eta_w, eta_b, alpha_w, alpha_
         eta = q.new_empty((tokens, H), dtype=torch.float32)
         alpha = torch.empty_like(eta)
     o = torch.empty_like(q) if readout else None
-    meta = kernel_meta(q, chunk, n_mem, depth, w2.shape[3])
+    meta = kernel_meta(q, chunk_size, n_mem, depth, w2.shape[3])
     proj_step = 0
     for step in range(steps):
-        if n_mem == 5 and (step * chunk) % proj_chunk == 0:
+        if n_mem == 5 and (step * chunk_size) % proj_chunk_size == 0:
             proj_step = step
-            proj_read_fwd_kernel[(proj_chunk // chunk, N * H)](
+            proj_read_fwd_kernel[(proj_chunk_size // chunk_size, N * H)](
                 a, hist_w1[step], hist_w2[step], eta_w, eta_b, alpha_w, alpha_b,
                 k, v, eta, alpha, cu, step, N, H, eta_max, **meta)
         chunk_fwd_kernel[(N * H, n_mem)](

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .common import (L2NORM_EPS, heads_first, initial_memory_state, memory_forward, projections,
+from .common import (L2NORM_EPS, heads_first, initial_memory_state, apply_memory, projections,
                      tokens_first)
 from .types import MemoryParams, MemoryState
 
@@ -210,7 +210,7 @@ def _targets(state: MemoryState, v, selfgen: bool, stopgrad_vhat: bool):
     """vhat = M_c(v) per memory (self-generated, detached if stopgrad_vhat), else v itself."""
     if not selfgen:
         return v
-    vhat = memory_forward(state.w1, state.w2, v)
+    vhat = apply_memory(state.w1, state.w2, v)
     return vhat.detach() if stopgrad_vhat else vhat
 
 
@@ -224,11 +224,11 @@ def _pieces(x, size):
 
 
 def _chunked_sequences(q, a, k, v, eta, alpha, state: MemoryState, params: MemoryParams, valid,
-                       chunk, proj_chunk, eta_max, selfgen, stopgrad_vhat, w1_delta):
+                       chunk_size, proj_chunk_size, eta_max, selfgen, stopgrad_vhat, w1_delta):
     """Sequences in the internal layout (common.py), each starting at a chunk boundary; valid
     (B, 1, 1, T) marks real tokens (None: all). Returns (o, final state).
 
-    With chunk == proj_chunk (the default) and selfmod, the five memories share their chunk
+    With chunk == proj_chunk_size (the default) and selfmod, the five memories share their chunk
     start, rates and decays, so each chunk step updates all five in one batched product per
     matrix (the n_mem axis) and reads M_o from the same step."""
     selfmod = a is not None
@@ -247,12 +247,12 @@ def _chunked_sequences(q, a, k, v, eta, alpha, state: MemoryState, params: Memor
         lg = log_gamma.expand(-1, n)
         return lg if c_valid is None else lg * c_valid
 
-    fused = selfmod and chunk == proj_chunk
-    q_c = _pieces(q, chunk)
+    fused = selfmod and chunk_size == proj_chunk_size
+    q_c = _pieces(q, chunk_size)
     outs = []
     if not selfmod:
-        state = _run_o_chunks(state, _pieces(k, chunk), _pieces(v, chunk), _pieces(eta, chunk),
-                              _pieces(alpha, chunk), _pieces(valid, chunk), q_c, False, stopgrad_vhat,
+        state = _run_o_chunks(state, _pieces(k, chunk_size), _pieces(v, chunk_size), _pieces(eta, chunk_size),
+                              _pieces(alpha, chunk_size), _pieces(valid, chunk_size), q_c, False, stopgrad_vhat,
                               one_minus_gamma, chunk_log_gamma, w1_delta, outs, recompute=True)
         return torch.cat(outs, -2), state
 
@@ -270,14 +270,15 @@ def _chunked_sequences(q, a, k, v, eta, alpha, state: MemoryState, params: Memor
             return state, [o]
         proj, _ = _update_memories(proj, k_p, _targets(proj, v_p, selfgen, stopgrad_vhat), dec, scale, w1_delta)
         reads = []
-        mem_o = _run_o_chunks(_select(state, slice(n_proj, None)), _pieces(k_p, chunk), _pieces(v_p, chunk),
-                              _pieces(eta_p, chunk), _pieces(alpha_p, chunk), _pieces(p_valid, chunk), qs,
+        mem_o = _run_o_chunks(_select(state, slice(n_proj, None)), _pieces(k_p, chunk_size), _pieces(v_p, chunk_size),
+                              _pieces(eta_p, chunk_size), _pieces(alpha_p, chunk_size), _pieces(p_valid,
+                                                                                                chunk_size), qs,
                               selfgen, stopgrad_vhat, one_minus_gamma, chunk_log_gamma, w1_delta, reads)
         return _join(proj, mem_o), reads
 
-    per = proj_chunk // chunk
-    valid_p = _pieces(valid, proj_chunk)
-    for i, a_p in enumerate(_pieces(a, proj_chunk)):
+    per = proj_chunk_size // chunk_size
+    valid_p = _pieces(valid, proj_chunk_size)
+    for i, a_p in enumerate(_pieces(a, proj_chunk_size)):
         state, reads = _step(proj_step, state, a_p, None if valid is None else valid_p[i],
                              q_c[i * per:(i + 1) * per])
         outs.extend(reads)
@@ -323,8 +324,8 @@ def _unpack(x, idx, valid):
 
 def chunk_torch_hope_memory(q, params: MemoryParams, *, a=None, k=None, v=None, eta=None, alpha=None,
                             initial_state: MemoryState | None = None, output_final_state: bool = False,
-                            cu_seqlens=None, max_seqlen: int | None = None, chunk: int = 64,
-                            proj_chunk: int = 64, eta_max: float = 1.0, selfgen: bool = True,
+                            cu_seqlens=None, max_seqlen: int | None = None, chunk_size: int = 64,
+                            proj_chunk_size: int = 64, eta_max: float = 1.0, selfgen: bool = True,
                             stopgrad_vhat: bool = True, w1_delta: bool = True):
     """Chunked path of `kernels.hope_memory.hope_memory` (same arguments, already validated;
     max_seqlen, an int bound on the documents' lengths, is required with cu_seqlens). No host
@@ -344,7 +345,7 @@ def chunk_torch_hope_memory(q, params: MemoryParams, *, a=None, k=None, v=None, 
     o, state = _chunked_sequences(
         heads_first(q), heads_first(a), heads_first(k), heads_first(v), heads_first(eta),
         heads_first(alpha), state, params, None if valid is None else valid[:, None, None],
-        chunk, proj_chunk, eta_max, selfgen, stopgrad_vhat, w1_delta)
+        chunk_size, proj_chunk_size, eta_max, selfgen, stopgrad_vhat, w1_delta)
     o = tokens_first(o)
     if valid is not None:
         o = o[back].unsqueeze(0)

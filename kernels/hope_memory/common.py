@@ -31,7 +31,7 @@ def l2norm(x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + L2NORM_EPS)
 
 
-def memory_forward(w1: torch.Tensor | None, w2: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+def apply_memory(w1: torch.Tensor | None, w2: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """M(z) = z + W1 silu(W2 z) (depth 2) or W2 z (depth 1, no residual), for rows z (..., T, d_h)."""
     y = z @ w2.mT
     return y if w1 is None else z + F.silu(y) @ w1.mT
@@ -41,7 +41,7 @@ def projections(w1, w2, a, params: MemoryParams, eta_max: float):
     """k, v, eta, alpha of the self-modifying mixer from the projection memories (k, v, eta, alpha)
     at their chunk-start state w1/w2 (B, 4, H, ., .); a (B, 1, H, T, d_h).
     Returns k, v (B, 1, H, T, d_h) and eta, alpha (B, 1, H, T)."""
-    m = memory_forward(w1, w2, a)
+    m = apply_memory(w1, w2, a)
     k, v = l2norm(m[:, 0:1]), l2norm(m[:, 1:2])
     eta = eta_max * torch.sigmoid((m[:, 2:3] * params.eta_w[:, None]).sum(-1) + params.eta_b[:, None])
     alpha = torch.sigmoid((m[:, 3:4] * params.alpha_w[:, None]).sum(-1) + params.alpha_b[:, None])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import heads_first, initial_memory_state, l2norm, memory_forward, projections, tokens_first
+from .common import heads_first, initial_memory_state, l2norm, apply_memory, projections, tokens_first
 from .types import MemoryParams, MemoryState
 
 
@@ -32,7 +32,7 @@ def inner_grad_factors(w1, w2, k, vhat):
     return (e @ w1) * _silu_grad(y), e, h
 
 
-def _naive_sequences(q, a, k, v, eta, alpha, state, params, chunk, proj_chunk, eta_max, selfgen,
+def _naive_sequences(q, a, k, v, eta, alpha, state, params, chunk_size, proj_chunk_size, eta_max, selfgen,
                      stopgrad_vhat, w1_delta):
     """Sequences that all start at a chunk boundary, in the internal layout; returns (o, state)."""
     w1, w2, s1, s2 = state
@@ -43,10 +43,10 @@ def _naive_sequences(q, a, k, v, eta, alpha, state, params, chunk, proj_chunk, e
     eye_m = None if w1 is None else torch.eye(w1.shape[-1], dtype=q.dtype, device=q.device)
     outs = []
     for t in range(q.shape[-2]):
-        if t % proj_chunk == 0:  # projection memories' chunk-start snapshot
+        if t % proj_chunk_size == 0:  # projection memories' chunk-start snapshot
             c1p = None if w1 is None else w1[:, :n_proj]
             c2p = w2[:, :n_proj]
-        if t % chunk == 0:  # M_o's chunk-start snapshot
+        if t % chunk_size == 0:  # M_o's chunk-start snapshot
             c1o = None if w1 is None else w1[:, n_proj:]
             c2o = w2[:, n_proj:]
         c1 = None if w1 is None else torch.cat([c1p, c1o], 1)
@@ -57,7 +57,7 @@ def _naive_sequences(q, a, k, v, eta, alpha, state, params, chunk, proj_chunk, e
         else:
             k_t, v_t, eta_t, alpha_t = k[..., tok, :], v[..., tok, :], eta[..., tok], alpha[..., tok]
         if selfmod and selfgen:
-            vhat = memory_forward(c1, c2, v_t)
+            vhat = apply_memory(c1, c2, v_t)
             vhat = vhat.detach() if stopgrad_vhat else vhat
         else:
             vhat = v_t
@@ -74,7 +74,7 @@ def _naive_sequences(q, a, k, v, eta, alpha, state, params, chunk, proj_chunk, e
                 w1 = w1 @ (alpha_t * eye_m - eta_t * hn.mT @ hn) - eta_t * s1
             else:
                 w1 = alpha_t * w1 - eta_t * s1
-        outs.append(memory_forward(None if w1 is None else w1[:, n_proj:], w2[:, n_proj:], q[..., tok, :]))
+        outs.append(apply_memory(None if w1 is None else w1[:, n_proj:], w2[:, n_proj:], q[..., tok, :]))
     if gamma is None:
         s1 = s2 = None
     return torch.cat(outs, -2), MemoryState(w1, w2, s1, s2)
@@ -82,7 +82,7 @@ def _naive_sequences(q, a, k, v, eta, alpha, state, params, chunk, proj_chunk, e
 
 def naive_hope_memory(q, params: MemoryParams, *, a=None, k=None, v=None, eta=None, alpha=None,
                       initial_state: MemoryState | None = None, output_final_state: bool = False,
-                      cu_seqlens=None, chunk: int = 64, proj_chunk: int = 64, eta_max: float = 1.0,
+                      cu_seqlens=None, chunk_size: int = 64, proj_chunk_size: int = 64, eta_max: float = 1.0,
                       selfgen: bool = True, stopgrad_vhat: bool = True, w1_delta: bool = True):
     """Reference path of `kernels.hope_memory.hope_memory` (same arguments, already validated).
     Packed documents (cu_seqlens) run one by one, each from its own initial state."""
@@ -105,7 +105,7 @@ def naive_hope_memory(q, params: MemoryParams, *, a=None, k=None, v=None, eta=No
             heads_first(None if k is None else k[:, tok]), heads_first(None if v is None else v[:, tok]),
             heads_first(None if eta is None else eta[:, tok]),
             heads_first(None if alpha is None else alpha[:, tok]),
-            state, params, chunk, proj_chunk, eta_max, selfgen, stopgrad_vhat, w1_delta)
+            state, params, chunk_size, proj_chunk_size, eta_max, selfgen, stopgrad_vhat, w1_delta)
         outs.append(tokens_first(o))
         states.append(state)
     o = torch.cat(outs, 1)
