@@ -27,10 +27,11 @@ import torch  # noqa: E402
 from torch.distributed.checkpoint.state_dict import get_state_dict  # noqa: E402
 
 from hope_dist.checkpoint import Checkpointer, verify_distributed  # noqa: E402
+from hope_dist.checkpoint_manager import OPTIM_BY_NAME  # noqa: E402
 from hope_dist.clock import CMSClock, build_clock_groups  # noqa: E402
 from hope_dist.config import CheckpointConfig, CMSLevel, ModelConfig, OptimConfig  # noqa: E402
 from hope_dist.model import build_model  # noqa: E402
-from hope_dist.trainer import OPTIM_BY_NAME, build_optimizer  # noqa: E402
+from hope_dist.trainer import build_optimizer  # noqa: E402
 
 
 def drop_cache(files: list[Path]) -> None:
@@ -66,7 +67,7 @@ def disk_write_read(folder: Path, nbytes: int) -> tuple[float, float]:
 
 
 def training_state(cfg: ModelConfig):
-    """(a function returning the state dict of live model/optimizer/clock, as Trainer._state
+    """(a function returning the state dict of live model/optimizer/clock, as CheckpointManager.state
     does for every save, and its size in bytes)."""
     model = build_model(cfg)
     groups = build_clock_groups(model)
@@ -75,7 +76,7 @@ def training_state(cfg: ModelConfig):
 
     def state() -> dict:
         model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIM_BY_NAME)
-        return {"model": model_sd, "optim": optim_sd, "clock": {"dp0": clock.state_dict()},
+        return {"model": model_sd, "optim": optim_sd, CMSClock.KEY: clock.checkpoint_state(0),
                 "train": {"step": 0, "tokens_seen": 0}}
 
     tensors = [*model.state_dict().values(), *clock.acc.values(),

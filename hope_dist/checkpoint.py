@@ -10,7 +10,8 @@ Layout of CKPT_DIR/step-N/:
 A folder without COMMITTED is never loaded; the next save or resume removes it. keep-last-k
 prunes only committed folders older than the newest k, so the newest complete one survives.
 An async save copies the state into reused CPU buffers, returns, and writes and commits from a
-background thread; at most one save is in flight.
+background thread; at most one save is in flight. What the state holds, and who owns each entry:
+hope_dist/checkpoint_manager.py.
 """
 from __future__ import annotations
 
@@ -222,27 +223,6 @@ def check_model_config(path: Path, meta: dict[str, Any], model_cfg: ModelConfig)
         raise CheckpointError(
             f"{Path(path) / META}: the checkpoint holds {what} than this job:\n  " + "\n  ".join(diff) +
             f"\nrun with the checkpoint's model config (see {Path(path) / META}) or use a new run_dir")
-
-
-def clock_for_dp_rank(saved: list[dict[str, Any]], dp_rank: int) -> dict[str, Any]:
-    """The CMS clock state of data-parallel rank `dp_rank` under a new dp size, from the states
-    of every saved dp rank (with the same dp size a rank simply loads its own, bit for bit).
-
-    Across dp sizes: a tick all-reduces (sums) the
-    ranks' window accumulators, so only their total matters: new rank 0 takes the total of all
-    saved ranks (summed in rank order), the others zeros. The next tick then sees the same sum,
-    up to float32 rounding of the reordered additions. window_tokens counts global tokens and is
-    the same on every rank."""
-    acc = {}
-    for name, first in saved[0]["acc"].items():
-        if dp_rank == 0:
-            total = first.clone()
-            for other in saved[1:]:
-                total += other["acc"][name]
-            acc[name] = total
-        else:
-            acc[name] = torch.zeros_like(first)
-    return {"acc": acc, "window_tokens": dict(saved[0]["window_tokens"])}
 
 
 # ------------------------------------------------------------------ offline access (one process)

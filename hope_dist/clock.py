@@ -11,13 +11,12 @@ the group's optimizer state steps once. The accumulators and token counts are tr
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-_LEVEL = re.compile(r"(?:^|\.)cms\.levels\.(\d+)\.")
+from hope_dist.model.parallel_plan import cms_levels, model_plan
 
 
 @dataclass
@@ -33,18 +32,15 @@ class ClockGroup:
 
 
 def build_clock_groups(model: nn.Module) -> list[ClockGroup]:
-    """Group parameters by clock, reading period and lr_scale from the CMS level modules."""
-    levels: dict[int, tuple[int, float]] = {}
-    for name, module in model.named_modules():
-        m = _LEVEL.search(name + ".")
-        if m and hasattr(module, "period") and name.endswith(f"levels.{m.group(1)}"):
-            levels[int(m.group(1))] = (module.period, module.lr_scale)
+    """Group a HopeModel's parameters by the clock its parallel plan names, reading period and
+    lr_scale from the CMS level modules."""
+    levels = {i: (level.period, level.lr_scale) for i, level in cms_levels(model)}
     groups = {"base": ClockGroup("base", 1, 1.0)}
     for idx, (period, scale) in sorted(levels.items()):
         groups[f"cms.{idx}"] = ClockGroup(f"cms.{idx}", period, scale)
+    plan = model_plan(model)
     for name, p in model.named_parameters():
-        m = _LEVEL.search(name)
-        groups[f"cms.{m.group(1)}" if m else "base"].params.append((name, p))
+        groups[plan[name].clock].params.append((name, p))
     return [g for g in groups.values() if g.params]
 
 
@@ -91,3 +87,74 @@ class CMSClock:
             self.acc[name].copy_(t)
         for g in self.groups:
             g.window_tokens = int(state["window_tokens"][g.name])
+
+    # ------------------------------------------------------------------ checkpoint entries
+    # A checkpoint holds every data-parallel rank's clock under "clock.dp<r>" (DCP flattens it to
+    # clock.dp<r>.acc.<param> and clock.dp<r>.window_tokens.<group>): the ranks' accumulators differ.
+    KEY = "clock"
+    KINDS = ("acc", "window_tokens")
+
+    @staticmethod
+    def rank_key(dp_rank: int) -> str:
+        return f"dp{dp_rank}"
+
+    @classmethod
+    def parse_key(cls, flat_key: str) -> tuple[int, str, str] | None:
+        """(dp rank, "acc" or "window_tokens", parameter or group name) of a flattened checkpoint key
+        of the clock; None for a key another part of the checkpoint owns."""
+        parts = flat_key.split(".", 3)
+        if len(parts) < 4 or parts[0] != cls.KEY or parts[2] not in cls.KINDS:
+            return None
+        rank = parts[1].removeprefix("dp")
+        return (int(rank), parts[2], parts[3]) if parts[1].startswith("dp") and rank.isdigit() else None
+
+    @classmethod
+    def flat_state(cls, dp_rank: int, state: dict) -> dict:
+        """The clock state of dp rank `dp_rank` under its flattened checkpoint keys (parse_key's inverse)."""
+        return {f"{cls.KEY}.{cls.rank_key(dp_rank)}.{kind}.{name}": v
+                for kind in cls.KINDS for name, v in state[kind].items()}
+
+    @classmethod
+    def pop_flat(cls, flat: dict) -> list[dict]:
+        """Take the clock's entries out of a flattened checkpoint: the state of every saved dp rank, in order."""
+        saved: dict[int, dict] = {}
+        for key in [k for k in flat if cls.parse_key(k) is not None]:
+            r, kind, name = cls.parse_key(key)
+            saved.setdefault(r, {kind: {} for kind in cls.KINDS})[kind][name] = flat.pop(key)
+        return [saved[r] for r in sorted(saved)]
+
+    def checkpoint_state(self, dp_rank: int) -> dict:
+        """This rank's share of the checkpoint's clock entry."""
+        return {self.rank_key(dp_rank): self.state_dict()}
+
+    def load_target(self, saved_dp: int) -> dict:
+        """Buffers for the clock entry of a checkpoint saved under `saved_dp` data-parallel ranks: every
+        rank loads all of them, as under another dp size its state is re-split from their sum."""
+        return {self.rank_key(r): {"acc": {n: torch.zeros_like(t) for n, t in self.acc.items()},
+                                   "window_tokens": {g.name: g.window_tokens for g in self.groups}}
+                for r in range(saved_dp)}
+
+    def load_checkpoint_state(self, loaded: dict, dp_rank: int, dp_size: int) -> None:
+        """Load this rank's clock from a loaded load_target (every saved dp rank's state)."""
+        self.load_state_dict(self.resplit([loaded[self.rank_key(r)] for r in range(len(loaded))], dp_rank, dp_size))
+
+    @staticmethod
+    def resplit(saved: list[dict], dp_rank: int, dp_size: int) -> dict:
+        """The clock state of data-parallel rank `dp_rank` of `dp_size`, from the states of every saved
+        dp rank. With the same dp size a rank takes its own, bit for bit. Across dp sizes: a tick
+        all-reduces (sums) the ranks' window accumulators, so only their total matters: new rank 0
+        takes the total of all saved ranks (summed in rank order), the others zeros. The next tick
+        then sees the same sum, up to float32 rounding of the reordered additions. window_tokens
+        counts global tokens and is the same on every rank."""
+        if len(saved) == dp_size:
+            return saved[dp_rank]
+        acc = {}
+        for name, first in saved[0]["acc"].items():
+            if dp_rank == 0:
+                total = first.clone()
+                for other in saved[1:]:
+                    total += other["acc"][name]
+                acc[name] = total
+            else:
+                acc[name] = torch.zeros_like(first)
+        return {"acc": acc, "window_tokens": dict(saved[0]["window_tokens"])}

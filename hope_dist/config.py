@@ -1,28 +1,32 @@
 """Job configuration: small dataclasses, loaded from YAML, overridden by `--key.sub=value`.
 
 Every error names the offending key and says how to fix it, because a typo in a 1000-GPU
-job's config should fail in the first second, not after the first checkpoint interval.
+job's config should fail in the first second, not after the first checkpoint interval. Each field's
+docstring (the line after it) says its meaning and range; `pretrain.py --help` lists them. A section's
+`__post_init__` checks its own fields one by one; `validate()` checks how fields of a job fit together.
+Loading (YAML, overrides, coercion by type hint, `Literal` choices) is in hope_dist.config_loading.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import yaml
-
-from hope_dist.errors import UserError
+from hope_dist.config_loading import ConfigError, field_docs, from_dict, help_text, load_yaml, set_path  # noqa: F401
 
 
-class ConfigError(UserError, ValueError):
-    """A configuration problem; the message names the key."""
+def _check(section: Any, name: str, ok: bool, requirement: str) -> None:
+    """Unless ok: `NAME=VALUE requirement` (from_dict puts the section's prefix in front)."""
+    if not ok:
+        raise ConfigError(f"{name}={getattr(section, name)!r} {requirement}")
 
-    label = "config error"
+
+def _positive(section: Any, *names: str) -> None:
+    for name in names:
+        _check(section, name, getattr(section, name) >= 1, "must be >= 1")
 
 
 @dataclass
@@ -30,39 +34,90 @@ class CMSLevel:
     """One level of the Continuum Memory System (docs/model.md section 4)."""
 
     width: int = 64
+    """hidden width of the level's MLP; >= 1, a multiple of parallel.tp"""
     period: int = 1
+    """optimizer steps between the level's updates; >= 1 (1 = every step)"""
     lr_scale: float = 1.0
-    chunk_size: int = 0  # tokens per in-context update of the down projection (model.cms_in_context); 0: not in context
+    """factor on the learning rate at the level's updates; > 0"""
+    chunk_size: int = 0
+    """tokens per in-context update of the down projection (model.cms_in_context); 0: not in context"""
+
+    def __post_init__(self) -> None:
+        _positive(self, "width")
+        _check(self, "period", self.period >= 1, "must be >= 1 (1 = every step)")
+        _check(self, "lr_scale", self.lr_scale > 0, "must be > 0")
+        _check(self, "chunk_size", self.chunk_size >= 0, "must be >= 0 (0: the level does not learn in context)")
 
 
 @dataclass
 class ModelConfig:
+    """The HOPE model (docs/model.md)."""
+
     vocab_size: int = 32000
+    """token ids are in [0, vocab_size); a multiple of parallel.tp when tp > 1"""
     d_model: int = 64
+    """width of the residual stream; a multiple of n_heads"""
     n_layers: int = 2
+    """HOPE blocks (sequence mixer + CMS); >= 1"""
     n_heads: int = 4
-    mixer: str = "selfmod"  # selfmod | titans | attention
+    """heads of the sequence mixer (head_dim = d_model / n_heads)"""
+    mixer: Literal["selfmod", "titans", "attention"] = "selfmod"
+    """sequence mixer: self-modifying memories, one Titans memory, or causal softmax attention"""
     memory_depth: int = 2
-    memory_hidden: int | None = None  # d_m; None means d_h
+    """layers of each memory: 1 (linear W z) or 2 (residual MLP z + W1 silu(W2 z))"""
+    memory_hidden: int | None = None
+    """d_m, the hidden width of depth-2 memories; null: head_dim"""
     chunk_size: int = 64
+    """tokens per chunk of the output memory's parallel update; >= 1"""
     proj_chunk_size: int = 64
+    """tokens per chunk of the selfmod projection memories; a multiple of chunk_size"""
     eta_max: float = 1.0
+    """upper bound of the memories' inner learning rate eta_t"""
     selfgen_values: bool = True
+    """selfmod: memories write self-generated targets vhat = M(v); false: vhat = v"""
     stopgrad_vhat: bool = True
-    w1_delta: bool = True  # depth 2: the delta rule on W1 too (docs/memory_op.md); false: the spec's gated W1
-    momentum: bool | None = None  # None: off for selfmod, on for titans (spec section 1)
+    """no outer gradient through the self-generated targets"""
+    w1_delta: bool = True
+    """depth 2: the delta rule on W1 too (docs/memory_op.md); false: the spec's gated W1"""
+    momentum: bool | None = None
+    """an EMA of the memories' inner gradients; null: off for selfmod, on for titans (spec section 1)"""
     conv_width: int = 4
-    kernel: str = "auto"  # auto (triton on CUDA, torch on CPU) | triton | torch | naive
+    """taps of the causal depthwise convolution before the memories; >= 1"""
+    kernel: Literal["auto", "triton", "torch", "naive"] = "auto"
+    """memory op: auto (triton on CUDA, torch on CPU), triton, torch (chunked) or naive (token loop)"""
     norm_eps: float = 1e-6
+    """epsilon of the RMS norms"""
     rope_theta: float = 10000.0
+    """RoPE base of the attention mixer"""
     tie_embeddings: bool = False
+    """the output head shares the token embedding's weights"""
     init_std: float = 0.02
-    memory_w1_std: float | None = None  # depth 2: std of the memories' initial W1; None: init_std (M starts ~identity)
-    alpha_init: float = 0.99  # initial retention per token (memory horizon ~ 1 / (1 - alpha) tokens)
+    """std of the linear layers' initial weights"""
+    memory_w1_std: float | None = None
+    """depth 2: std of the memories' initial W1, > 0; null: init_std (M starts ~identity)"""
+    alpha_init: float = 0.99
+    """initial retention per token, in (0, 1) (memory horizon ~ 1 / (1 - alpha) tokens)"""
     cms: list[CMSLevel] = field(default_factory=lambda: [CMSLevel(64, p) for p in (1, 4, 16, 64)])
-    cms_in_context: bool = False  # levels with cms[i].chunk_size > 0 learn in context (docs/cms_in_context.md)
-    cms_inner_lr: float = 0.1  # in-context step per chunk, normalised by the chunk's key norms; in (0, 1]
-    cms_stopgrad_writes: bool = False  # true: no outer gradient through the in-context writes
+    """the CMS levels, at least one: an MLP each, updated every `period` steps"""
+    cms_in_context: bool = False
+    """levels with cms[i].chunk_size > 0 learn in context (docs/cms_in_context.md)"""
+    cms_inner_lr: float = 0.1
+    """in-context step per chunk, normalised by the chunk's key norms; in (0, 1]"""
+    cms_stopgrad_writes: bool = False
+    """true: no outer gradient through the in-context writes"""
+
+    def __post_init__(self) -> None:
+        _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "chunk_size", "proj_chunk_size", "conv_width")
+        _check(self, "memory_depth", self.memory_depth in (1, 2), "must be 1 (linear) or 2 (residual MLP)")
+        _check(self, "memory_w1_std", self.memory_w1_std is None or self.memory_w1_std > 0,
+               "must be > 0 (or null for model.init_std)")
+        _check(self, "alpha_init", 0 < self.alpha_init < 1, "must be in (0, 1): the initial retention per token")
+        if self.memory_hidden is not None:
+            _positive(self, "memory_hidden")
+        if not self.cms:
+            raise ConfigError("cms is empty: give at least one CMS level (width, period)")
+        _check(self, "cms_inner_lr", 0 < self.cms_inner_lr <= 1, "must be in (0, 1]: the normalised in-context "
+               "step (above 1 a step can overshoot along the chunk's dominant key direction)")
 
     @property
     def head_dim(self) -> int:
@@ -87,96 +142,201 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | m3 (Nested Learning Algorithm 1 on hidden matrices; docs/optim.md)
+    """The optimizer and learning-rate schedule (docs/optim.md)."""
+
+    name: Literal["adamw", "m3"] = "adamw"
+    """adamw, or m3 (Nested Learning Algorithm 1 on hidden matrices; docs/optim.md)"""
     lr: float = 4e-4
+    """peak learning rate, > 0: linear warmup to it, then cosine decay to min_lr_ratio * lr"""
     min_lr_ratio: float = 0.1
+    """the last step's learning rate as a fraction of lr"""
     warmup_steps: int = 100
+    """steps of linear warmup"""
     weight_decay: float = 0.1
-    beta1: float = 0.9  # first moment; m3: also the fast momentum M1
-    beta2: float = 0.95  # second moment V
+    """decoupled weight decay, on tensors of 2 or more dimensions"""
+    beta1: float = 0.9
+    """first moment decay, in [0, 1); m3: also the fast momentum M1"""
+    beta2: float = 0.95
+    """second moment V decay, in [0, 1)"""
     eps: float = 1e-8
-    grad_clip: float = 1.0  # <= 0 disables clipping
-    beta3: float = 0.9  # m3: decay of the slow momentum M2 per slow step
-    alpha: float = 1.0  # m3: weight of the slow momentum's orthogonalised update
-    ns_steps: int = 5  # m3: Newton-Schulz iterations
-    slow_every: int = 10  # m3: f, a matrix's slow momentum refreshes every f of its own steps
-    precondition: str = "before_ns"  # m3: divide by sqrt(V) + eps before Newton-Schulz | after_ns (as printed)
+    """added to sqrt(V)"""
+    grad_clip: float = 1.0
+    """max global gradient norm; <= 0 disables clipping"""
+    beta3: float = 0.9
+    """m3: decay of the slow momentum M2 per slow step, in [0, 1)"""
+    alpha: float = 1.0
+    """m3: weight of the slow momentum's orthogonalised update, >= 0 (0 turns it off)"""
+    ns_steps: int = 5
+    """m3: Newton-Schulz iterations, >= 1"""
+    slow_every: int = 10
+    """m3: f, a matrix's slow momentum refreshes every f of its own steps; >= 1"""
+    precondition: Literal["before_ns", "after_ns"] = "before_ns"
+    """m3: divide by sqrt(V) + eps before Newton-Schulz, or after it (as printed)"""
+
+    def __post_init__(self) -> None:
+        _check(self, "lr", self.lr > 0, "must be > 0")
+        for name in ("beta1", "beta2", "beta3"):
+            _check(self, name, 0 <= getattr(self, name) < 1, "must be in [0, 1): it is a decay factor, e.g. 0.9")
+        _check(self, "alpha", self.alpha >= 0, "must be >= 0: the slow momentum's weight (0 turns it off)")
+        _check(self, "ns_steps", self.ns_steps >= 1, "must be >= 1: Newton-Schulz iterations, 5 as in Muon")
+        _check(self, "slow_every", self.slow_every >= 1, "must be >= 1: the slow momentum's period f, in each "
+               "matrix's own steps (1 refreshes it every step)")
 
 
 @dataclass
 class TrainingConfig:
+    """The training loop."""
+
     steps: int = 1000
+    """optimizer steps to run; >= 1"""
     seq_len: int = 128
-    global_batch: int = 8  # sequences per optimizer step, over all data-parallel ranks
-    micro_batch: int = 8  # sequences per forward/backward on one rank
+    """tokens per training sequence; >= 1"""
+    global_batch: int = 8
+    """sequences per optimizer step, over all data-parallel ranks; a multiple of dp x micro_batch"""
+    micro_batch: int = 8
+    """sequences per forward/backward on one rank; >= 1"""
     seed: int = 1234
-    mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
-    nonfinite: str = "stop"  # stop | skip: what a non-finite loss does
+    """seed of the initialisation and the data order; in [0, 2**63)"""
+    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """compute dtype: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32"""
+    nonfinite: Literal["stop", "skip"] = "stop"
+    """what a non-finite loss does: stop the run, or skip the step"""
     reset_state_at_eod: bool = True
+    """the memories start afresh at every document of a packed row"""
+
+    def __post_init__(self) -> None:
+        _positive(self, "steps", "seq_len", "global_batch", "micro_batch")
+        _check(self, "seed", 0 <= self.seed < 2**63, "must be >= 0 and < 2**63 (numpy and torch seeds)")
 
 
 @dataclass
 class DataConfig:
-    paths: list[str] = field(default_factory=list)  # Megatron prefixes (PREFIX.bin / PREFIX.idx)
+    """Tokenized training and validation data (data_prep/)."""
+
+    paths: list[str] = field(default_factory=list)
+    """training data: Megatron prefixes (PREFIX.bin / PREFIX.idx)"""
     weights: list[float] | None = None
+    """sampling weight per path, >= 0; null: in proportion to each dataset's tokens"""
     tokenizer: str | None = None
+    """the tokenizer.json the data was tokenized with (checked against the data); null: unchecked"""
     eod_id: int | None = None
-    valid_paths: list[str] = field(default_factory=list)  # held-out Megatron prefixes
-    valid_fraction: float = 0.0  # or: hold out this fraction of the training documents
+    """end-of-document token id; null: the tokenizer's"""
+    valid_paths: list[str] = field(default_factory=list)
+    """held-out Megatron prefixes for validation"""
+    valid_fraction: float = 0.0
+    """or: hold out this fraction of the training documents, in [0, 1)"""
+
+    def __post_init__(self) -> None:
+        _check(self, "valid_fraction", 0 <= self.valid_fraction < 1, "must be in [0, 1): the share of training "
+               "documents held out for validation")
 
 
 @dataclass
 class EvalConfig:
-    every: int = 0  # validate every this many steps (and after the last); 0: never
-    tokens: int = 65536  # validation tokens per evaluation (rounded up to whole global batches)
+    """Validation during training."""
+
+    every: int = 0
+    """validate every this many steps (and after the last); 0: never"""
+    tokens: int = 65536
+    """validation tokens per evaluation (rounded up to whole global batches); >= 1"""
+
+    def __post_init__(self) -> None:
+        _check(self, "every", self.every >= 0, "must be >= 0 (0 turns validation off)")
+        _positive(self, "tokens")
 
 
 @dataclass
 class ParallelConfig:
+    """The device mesh: pp x dp_replicate x dp_shard x tp ranks (docs/parallel.md)."""
+
     pp: int = 1
+    """pipeline stages; at most model.n_layers"""
     dp_replicate: int = 1
+    """data-parallel replicas (a full copy of the state each)"""
     dp_shard: int = 1
+    """data-parallel ranks that shard parameters, gradients and optimizer state"""
     tp: int = 1
+    """tensor-parallel ranks; divides model.n_heads"""
     pp_microbatches: int = 1
-    pp_schedule: str = "1f1b"  # 1f1b | gpipe | interleaved_1f1b
+    """pipeline microbatches per micro-batch; a multiple of pp except for gpipe"""
+    pp_schedule: Literal["1f1b", "gpipe", "interleaved_1f1b"] = "1f1b"
+    """pipeline schedule; interleaved_1f1b puts 2 stages on each rank"""
     activation_checkpoint: bool = False
-    timeout_s: float = 600.0  # collective timeout: a hung rank fails the job after this long
-    engine: str = "native"  # native (FSDP2 / replication) | deepspeed (ZeRO, docs/parallel.md "Engines")
-    zero_stage: int = 1  # engine=deepspeed: ZeRO stage 1 or 2
-    ds_config: str | None = None  # engine=deepspeed: a JSON/YAML DeepSpeed config merged into the generated one
+    """recompute each layer's activations in the backward pass"""
+    timeout_s: float = 600.0
+    """collective timeout in seconds: a hung rank fails the job after this long"""
+    engine: Literal["native", "deepspeed"] = "native"
+    """native (FSDP2 / replication) or deepspeed (ZeRO, docs/parallel.md "Engines")"""
+    zero_stage: int = 1
+    """engine=deepspeed: ZeRO stage 1 or 2"""
+    ds_config: str | None = None
+    """engine=deepspeed: a JSON/YAML DeepSpeed config merged into the generated one"""
+
+    def __post_init__(self) -> None:
+        _positive(self, "pp", "dp_replicate", "dp_shard", "tp", "pp_microbatches")
 
 
 @dataclass
 class CheckpointConfig:
-    interval: int = 100  # steps; <= 0 saves only at the end
+    """Checkpoints and resuming (docs/checkpoints.md)."""
+
+    interval: int = 100
+    """steps between checkpoints; <= 0 saves only at the end"""
     keep_last: int = 3
+    """checkpoints kept on disk; >= 1"""
     async_save: bool = False
-    resume: str = "auto"  # auto | never | a step-N folder
-    dir: str | None = None  # default: RUN_DIR/checkpoints
-    on_save_error: str = "stop"  # stop | continue: an interval save that fails for a full disk is skipped
+    """write checkpoints in the background while training goes on"""
+    resume: str = "auto"
+    """auto (the latest checkpoint, if any), never, or a step-N folder"""
+    dir: str | None = None
+    """the checkpoints' folder; null: RUN_DIR/checkpoints"""
+    on_save_error: Literal["stop", "continue"] = "stop"
+    """stop, or continue: an interval save that fails for a full disk is skipped"""
+
+    def __post_init__(self) -> None:
+        _positive(self, "keep_last")
 
 
 @dataclass
 class MetricsConfig:
+    """Metrics and logging."""
+
     log_every: int = 1
+    """steps between metric rows"""
     jsonl: bool = True
-    wandb: bool = True  # offline when WANDB_API_KEY is unset
+    """append the metrics to RUN_DIR/metrics.jsonl"""
+    wandb: bool = True
+    """log to Weights & Biases (offline when WANDB_API_KEY is unset)"""
     wandb_project: str = "hope_dist"
+    """the wandb project"""
     progress: bool = True
-    memory_health: bool = True  # probe the fast weights at every log step (model/memory_health.py)
+    """show a progress bar"""
+    memory_health: bool = True
+    """probe the fast weights at every log step (model/memory_health.py)"""
 
 
 @dataclass
 class JobConfig:
+    """A whole training job."""
+
     run_dir: str = "runs/default"
+    """the run's folder: metrics, logs and (by default) checkpoints"""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """the HOPE model (docs/model.md)"""
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    """the training loop"""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """the optimizer and learning-rate schedule (docs/optim.md)"""
     data: DataConfig = field(default_factory=DataConfig)
+    """tokenized training and validation data"""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """validation during training"""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """the device mesh and parallelism engine (docs/parallel.md)"""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """checkpoints and resuming (docs/checkpoints.md)"""
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    """metrics and logging"""
 
     def validate(self) -> "JobConfig":
         validate(self)
@@ -186,37 +346,9 @@ class JobConfig:
         return dataclasses.asdict(self)
 
 
-def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
-
-
-def _positive(key: str, value: float) -> None:
-    if value is None or value < 1:
-        raise ConfigError(f"{key}={value!r} must be >= 1")
-
-
-def _validate_optim(o: OptimConfig) -> None:
-    _choice("optim.name", o.name, ("adamw", "m3"))
-    _choice("optim.precondition", o.precondition, ("before_ns", "after_ns"))
-    for key in ("beta1", "beta2", "beta3"):
-        value = getattr(o, key)
-        if not 0 <= value < 1:
-            raise ConfigError(f"optim.{key}={value} must be in [0, 1): it is a decay factor, e.g. 0.9")
-    if o.alpha < 0:
-        raise ConfigError(f"optim.alpha={o.alpha} must be >= 0: the slow momentum's weight (0 turns it off)")
-    if o.ns_steps < 1:
-        raise ConfigError(f"optim.ns_steps={o.ns_steps} must be >= 1: Newton-Schulz iterations, 5 as in Muon")
-    if o.slow_every < 1:
-        raise ConfigError(f"optim.slow_every={o.slow_every} must be >= 1: the slow momentum's period f, in each "
-                          "matrix's own steps (1 refreshes it every step)")
-
-
 def _validate_cms_in_context(m: ModelConfig, seq_len: int) -> None:
     for i, level in enumerate(m.cms):
         key = f"model.cms[{i}].chunk_size"
-        if level.chunk_size < 0:
-            raise ConfigError(f"{key}={level.chunk_size} must be >= 0 (0: the level does not learn in context)")
         if level.chunk_size and not m.cms_in_context:
             raise ConfigError(f"{key}={level.chunk_size} is set but model.cms_in_context=false: set "
                               f"model.cms_in_context=true to use it, or {key}=0")
@@ -227,15 +359,11 @@ def _validate_cms_in_context(m: ModelConfig, seq_len: int) -> None:
         raise ConfigError("model.cms_in_context=true but every model.cms[i].chunk_size is 0: give the levels that "
                           "learn in context a token chunk size, "
                           "e.g. model.cms=[{width: 64, period: 1, chunk_size: 64}, ...]")
-    if not 0 < m.cms_inner_lr <= 1:
-        raise ConfigError(f"model.cms_inner_lr={m.cms_inner_lr} must be in (0, 1]: the normalised in-context step "
-                          "(above 1 a step can overshoot along the chunk's dominant key direction)")
 
 
 def _validate_engine(cfg: JobConfig) -> None:
     """parallel.engine=deepspeed: the layouts and settings the DeepSpeed path keeps the clocks' guarantees in."""
     p = cfg.parallel
-    _choice("parallel.engine", p.engine, ("native", "deepspeed"))
     if p.engine == "native":
         return
     if p.zero_stage not in (1, 2):
@@ -266,48 +394,9 @@ def _validate_engine(cfg: JobConfig) -> None:
         deepspeed_config(cfg)
 
 
-def validate(cfg: JobConfig) -> None:
-    """Check cross-field constraints; every message names the key and the fix."""
-    m = cfg.model
-    _choice("model.mixer", m.mixer, ("selfmod", "titans", "attention"))
-    _choice("model.kernel", m.kernel, ("auto", "triton", "torch", "naive"))
-    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "chunk_size", "proj_chunk_size", "conv_width"):
-        _positive(f"model.{key}", getattr(m, key))
-    if m.d_model % m.n_heads:
-        raise ConfigError(
-            f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}: "
-            f"pick n_heads from the divisors of d_model")
-    if m.memory_depth not in (1, 2):
-        raise ConfigError(f"model.memory_depth={m.memory_depth} must be 1 (linear) or 2 (residual MLP)")
-    if m.memory_w1_std is not None and not m.memory_w1_std > 0:
-        raise ConfigError(f"model.memory_w1_std={m.memory_w1_std} must be > 0 (or null for model.init_std)")
-    if not 0 < m.alpha_init < 1:
-        raise ConfigError(f"model.alpha_init={m.alpha_init} must be in (0, 1): the initial retention per token")
-    if m.memory_hidden is not None:
-        _positive("model.memory_hidden", m.memory_hidden)
-    if m.proj_chunk_size % m.chunk_size:
-        raise ConfigError(
-            f"model.proj_chunk_size={m.proj_chunk_size} must be a multiple of model.chunk_size={m.chunk_size}")
-    if not m.cms:
-        raise ConfigError("model.cms is empty: give at least one CMS level (width, period)")
-    for i, level in enumerate(m.cms):
-        _positive(f"model.cms[{i}].width", level.width)
-        if level.period < 1:
-            raise ConfigError(f"model.cms[{i}].period={level.period} must be >= 1 (1 = every step)")
-        if level.lr_scale <= 0:
-            raise ConfigError(f"model.cms[{i}].lr_scale={level.lr_scale} must be > 0")
-    _validate_cms_in_context(m, cfg.training.seq_len)
-    t = cfg.training
-    for key in ("steps", "seq_len", "global_batch", "micro_batch"):
-        _positive(f"training.{key}", getattr(t, key))
-    if not 0 <= t.seed < 2**63:
-        raise ConfigError(f"training.seed={t.seed} must be >= 0 and < 2**63 (numpy and torch seeds)")
-    _choice("training.mixed_precision", t.mixed_precision, ("auto", "bf16", "fp32"))
-    _choice("training.nonfinite", t.nonfinite, ("stop", "skip"))
-    p = cfg.parallel
-    for key in ("pp", "dp_replicate", "dp_shard", "tp", "pp_microbatches"):
-        _positive(f"parallel.{key}", getattr(p, key))
-    _choice("parallel.pp_schedule", p.pp_schedule, ("1f1b", "gpipe", "interleaved_1f1b"))
+def _validate_layout(cfg: JobConfig) -> None:
+    """The batch and the model split over the mesh."""
+    m, t, p = cfg.model, cfg.training, cfg.parallel
     dp = p.dp_replicate * p.dp_shard
     if t.global_batch % (dp * t.micro_batch):
         raise ConfigError(
@@ -342,109 +431,36 @@ def validate(cfg: JobConfig) -> None:
             raise ConfigError(
                 f"pp_schedule=interleaved_1f1b puts 2 stages on each of parallel.pp={p.pp} ranks, so "
                 f"model.n_layers={m.n_layers} must be >= {2 * p.pp}; use pp_schedule=1f1b")
-    _validate_engine(cfg)
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr={cfg.optim.lr} must be > 0")
-    _validate_optim(cfg.optim)
-    if cfg.data.weights is not None and len(cfg.data.weights) != len(cfg.data.paths):
+
+
+def validate(cfg: JobConfig) -> None:
+    """Check how the fields fit together (each field's own range is checked on construction); every
+    message names the key and the fix."""
+    m = cfg.model
+    if m.d_model % m.n_heads:
         raise ConfigError(
-            f"data.weights has {len(cfg.data.weights)} entries but data.paths has "
-            f"{len(cfg.data.paths)}: give one weight per path")
+            f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}: "
+            f"pick n_heads from the divisors of d_model")
+    if m.proj_chunk_size % m.chunk_size:
+        raise ConfigError(
+            f"model.proj_chunk_size={m.proj_chunk_size} must be a multiple of model.chunk_size={m.chunk_size}")
+    _validate_cms_in_context(m, cfg.training.seq_len)
+    _validate_layout(cfg)
+    _validate_engine(cfg)
     d, e = cfg.data, cfg.eval
-    if not 0 <= d.valid_fraction < 1:
-        raise ConfigError(f"data.valid_fraction={d.valid_fraction} must be in [0, 1): the share of training "
-                          "documents held out for validation")
+    if d.weights is not None and len(d.weights) != len(d.paths):
+        raise ConfigError(
+            f"data.weights has {len(d.weights)} entries but data.paths has "
+            f"{len(d.paths)}: give one weight per path")
     if d.valid_fraction > 0 and d.valid_paths:
         raise ConfigError("data.valid_paths and data.valid_fraction are both set: hold out documents of the "
                           "training data (valid_fraction) or use separate files (valid_paths), not both")
-    if e.every < 0:
-        raise ConfigError(f"eval.every={e.every} must be >= 0 (0 turns validation off)")
-    _positive("eval.tokens", e.tokens)
     if e.every > 0 and not d.valid_paths and d.valid_fraction == 0:
         raise ConfigError(f"eval.every={e.every} needs validation data: set data.valid_fraction (e.g. 0.01) "
                           "or data.valid_paths, or set eval.every=0")
-    if cfg.checkpoint.keep_last < 1:
-        raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last} must be >= 1")
-    _choice("checkpoint.on_save_error", cfg.checkpoint.on_save_error, ("stop", "continue"))
 
 
-# ---------------------------------------------------------------------------------------------
-# Building dataclasses from nested dicts, with typed coercion and named errors.
-
-def _coerce(key: str, tp: Any, value: Any) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-        return _coerce(key, args[0], value)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping, got {value!r}")
-        return from_dict(tp, value, prefix=key)
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        return [_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
-    if tp in (int, float):
-        try:  # YAML reads yes/no/true/false as booleans: never take them for 1 and 0
-            if isinstance(value, bool) or (tp is int and isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            number = tp(float(value)) if tp is int else tp(value)
-        except (TypeError, ValueError, OverflowError):
-            raise ConfigError(f"{key} must be {tp.__name__}, got {value!r}") from None
-        if not math.isfinite(number):
-            raise ConfigError(f"{key}={value!r} must be a finite number")
-        return number
-    if tp is str:
-        return str(value)
-    return value
-
-
-def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass `cls` from a (nested) dict; unknown keys are errors naming the key."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{prefix}.{key}" if prefix else key
-        if key not in names:
-            raise ConfigError(
-                f"unknown config key {full!r}; valid keys here: {', '.join(sorted(names))}")
-        kwargs[key] = _coerce(full, hints[key], value)
-    return cls(**kwargs)
-
-
-def _set_path(tree: dict, dotted: str, value: str) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--{dotted}: {part!r} is not a section")
-        node = child
-    node[parts[-1]] = _load_yaml(value, f"--{dotted}={value!r}") if value != "" else ""
-
-
-def _load_yaml(text: str, where: str) -> Any:
-    """yaml.safe_load, with an error naming `where` (a file or an override) and the position."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{where} is not valid YAML{at} ({problem}): close its brackets and quotes, or quote "
-                          f"the whole value") from None
+USAGE = "usage: pretrain.py --config configs/tiny.yaml [--resume[=auto|never|DIR]] [--key.sub=value ...]"
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
@@ -458,19 +474,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             text = path.read_text()
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {str(path)!r} cannot be read ({e}); pass a YAML file") from None
-        tree = _load_yaml(text, f"config file {str(path)!r}") or {}
+        tree = load_yaml(text, f"config file {str(path)!r}") or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
     for arg in overrides:
         if not arg.startswith("--") or "=" not in arg:
             raise ConfigError(f"override {arg!r} must look like --key.sub=value")
         key, value = arg[2:].split("=", 1)
-        _set_path(tree, key, value)
+        set_path(tree, key, value)
     return from_dict(JobConfig, tree).validate()
 
 
 def parse_args(argv: list[str]) -> JobConfig:
-    """`--config PATH`, `--resume[=auto|never|PATH]`, then `--key.sub=value` overrides."""
+    """`--config PATH`, `--resume[=auto|never|PATH]`, then `--key.sub=value` overrides; `--help` prints
+    every key (type, default, meaning) to stdout and exits 0."""
     config_path = None
     overrides = []
     it = iter(argv)
@@ -486,9 +503,8 @@ def parse_args(argv: list[str]) -> JobConfig:
         elif arg.startswith("--resume="):
             overrides.append("--checkpoint.resume=" + arg.split("=", 1)[1])
         elif arg in ("-h", "--help"):
-            raise SystemExit(
-                "usage: pretrain.py --config configs/tiny.yaml [--resume[=auto|never|DIR]] "
-                "[--key.sub=value ...]\nkeys: " + ", ".join(f.name for f in dataclasses.fields(JobConfig)))
+            print(help_text(JobConfig, USAGE))
+            raise SystemExit(0)
         else:
             overrides.append(arg)
     return load_config(config_path, overrides)

@@ -18,7 +18,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from hope_dist.config import ModelConfig, from_dict
 from hope_dist.model import HopeModel
-from hope_dist.pretrained import TOKENIZER, check_tokenizer, read_config
+from hope_dist.pretrained_io import TOKENIZER, check_tokenizer, read_config
 
 
 class HopeConfig(PreTrainedConfig):

@@ -26,7 +26,8 @@ from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from hope_dist.pretrained import CONFIG, EOT, PretrainedError, from_pretrained
+from hope_dist.pretrained import from_pretrained
+from hope_dist.pretrained_io import CONFIG, EOT, PretrainedError
 
 log = logging.getLogger(__name__)
 MEMORY_MIXER_MAX_LENGTH = 8192

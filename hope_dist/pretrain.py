@@ -1,4 +1,5 @@
 """Entry point: `torchrun --nproc_per_node=N hope_dist/pretrain.py --config configs/tiny.yaml [--key.sub=value]`.
+`pretrain.py --help` lists every config key with its type, default and meaning.
 
 A known error (config, data, tokenizer, checkpoint: hope_dist.errors.UserError) prints its one-line
 message and exits 2, with no traceback unless HOPE_DEBUG=1. Under torchrun the same message, or

@@ -13,7 +13,6 @@ One optimizer step (docs/model.md section 4):
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import platform
@@ -26,11 +25,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import yaml
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
-                                                     set_state_dict)
 
-from hope_dist.checkpoint import (Checkpointer, CheckpointError, check_model_config, clock_for_dp_rank, committed_steps,
-                                  read_meta, stored_keys, verify_distributed)
+from hope_dist.checkpoint import Checkpointer, committed_steps
+from hope_dist.checkpoint_manager import CheckpointManager
 from hope_dist.clock import CMSClock, build_clock_groups
 from hope_dist.config import JobConfig, OptimConfig
 from hope_dist.data import build_train_stream
@@ -47,13 +44,6 @@ from hope_dist.parallel.mesh import build_mesh, check_world_size
 from hope_dist.parallel.parallelize import parallelize
 from hope_dist.parallel.process_group import init_default_group
 from hope_dist.parallel.tensor_parallel import loss_context
-
-log = logging.getLogger(__name__)
-
-
-# Optimizer state and param-group settings keyed by parameter name, not group index: pipeline
-# stages hold different groups under the same index, and checkpoints must not depend on that.
-OPTIM_BY_NAME = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
@@ -142,6 +132,7 @@ class Trainer:
         self.optimizer = self._build_optimizer()
         self.sync.attach(self.clock)
         self.ckpt = Checkpointer(cfg.checkpoint, self.run_dir, cfg.parallel.timeout_s)
+        self.checkpoint = CheckpointManager(self)
         self.step = 0
         self.tokens_seen = 0
         self._stop_signal: str | None = None
@@ -181,33 +172,6 @@ class Trainer:
             f.write(json.dumps(info) + "\n")
 
     # ------------------------------------------------------------------ state
-    def _state(self) -> dict:
-        """The full training state as a DCP state dict. Rank-specific entries are keyed by rank
-        (DCP dedups replicated entries by key); the LR schedule is a function of the step."""
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=OPTIM_BY_NAME)
-        return {"model": model_sd, "optim": optim_sd,
-                "clock": {f"dp{self.dp_rank}": self.clock.state_dict()},
-                "rng": {f"rank{self.rank}": self._rng_state()}, "train": self._train_state()}
-
-    def _rng_state(self) -> dict[str, torch.Tensor]:
-        rng = {"cpu": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return rng
-
-    def _load_rng_state(self, rng: dict[str, torch.Tensor]) -> None:
-        torch.set_rng_state(rng["cpu"].cpu())
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"].cpu(), self.device)
-
-    def _train_state(self) -> dict:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.data.state_dict()}
-
-    def _load_train_state(self, train: dict) -> None:
-        self.step = int(train["step"])
-        self.tokens_seen = int(train["tokens_seen"])
-        self.data.load_state_dict(train["data"])
-
     def _meta(self) -> dict:
         """meta.json of a checkpoint of this step (hope_dist.checkpoint)."""
         p = self.cfg.parallel
@@ -217,50 +181,11 @@ class Trainer:
                 "torch": torch.__version__, "config": self.cfg.to_dict()}
 
     def save(self, skippable: bool = False) -> Path:
-        return self.ckpt.save(self.step, self._state(), self._meta(), skippable)
+        return self.checkpoint.save(self._meta(), skippable)
 
     def maybe_resume(self) -> None:
-        """Load the checkpoint `checkpoint.resume` names, from any (dp, tp, pp) layout: DCP
-        reshards model and optimizer; the clock's window sums are re-split (clock_for_dp_rank);
-        RNG streams of ranks the checkpoint did not have stay seeded. A weights-only checkpoint
-        (tools/convert.py import-hf without a base) sets the model and starts at step 0."""
-        path = self.ckpt.resume_path()
-        if path is None:
-            return
-        meta = read_meta(path)
-        check_model_config(path, meta, self.cfg.model)
-        if meta.get("engine") == "deepspeed":
-            raise CheckpointError(f"{path} was written by parallel.engine=deepspeed: resume it with "
-                                  f"--parallel.engine=deepspeed (or export-hf it and import-hf the folder)")
-        verify_distributed(path)
-        keys = stored_keys(path)
-        state = self._state()
-        if not any(k.startswith("optim.") for k in keys):
-            state = {"model": state["model"]}
-            self.ckpt.load(path, state)
-            set_model_state_dict(self.model, state["model"])
-            if self.rank == 0:
-                log.info("initialised the model from %s (weights only); training starts at step 0", path)
-            return
-        saved_dp = int(meta["layout"]["dp"])
-        own = state["clock"][f"dp{self.dp_rank}"]
-        state["clock"] = {f"dp{r}": {"acc": {n: torch.zeros_like(t) for n, t in own["acc"].items()},
-                                     "window_tokens": dict(own["window_tokens"])} for r in range(saved_dp)}
-        has_rng = f"rng.rank{self.rank}.cpu" in keys
-        if not has_rng:
-            state.pop("rng")
-        self.ckpt.load(path, state)
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"], options=OPTIM_BY_NAME)
-        saved_clock = [state["clock"][f"dp{r}"] for r in range(saved_dp)]
-        self.clock.load_state_dict(saved_clock[self.dp_rank] if saved_dp == self.dp_size
-                                   else clock_for_dp_rank(saved_clock, self.dp_rank))
-        if has_rng:
-            self._load_rng_state(state["rng"][f"rank{self.rank}"])
-        self._load_train_state(state["train"])
-        if self.rank == 0:
-            layout = f" (saved under dp={saved_dp}, now dp={self.dp_size})" if saved_dp != self.dp_size else ""
-            log.info("resumed from %s at step %d%s", path, self.step, layout)
+        """Resume from `checkpoint.resume`, if any (CheckpointManager.resume)."""
+        self.checkpoint.resume()
 
     # ------------------------------------------------------------------ loop
     def _request_stop(self, signum, _frame) -> None:

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from hope_dist.checkpoint import MARKER, STALL_ENV, CheckpointError, committed_steps, read_flat, verify
+from hope_dist.checkpoint_manager import RNGState
+from hope_dist.clock import ClockGroup, CMSClock
 
 from conftest import make_trainer as make, read_losses as losses, tiny_overrides
 
@@ -193,3 +195,28 @@ def test_full_training_state_is_stored(saved_run):
     assert flat["clock.dp0.acc.layers.0.cms.levels.2.mlp.up.weight"].abs().sum() > 0
     assert meta["config"]["model"]["d_model"] == 32 and len(meta["git_commit"]) >= 7
     assert meta["layout"] == {"dp": 1, "tp": 1, "pp": 1} and meta["next_lr"] > 0
+
+
+def test_clock_and_rng_own_their_keys_and_resplit_keeps_window_totals():
+    """The clock's per-dp-rank entries survive a flatten/parse round trip and a dp-size change keeps
+    their total on new rank 0 (zeros elsewhere); the RNG's rank keys parse and nothing else does."""
+    clock = CMSClock([ClockGroup("base", 1, 1.0, [("b", torch.nn.Parameter(torch.zeros(2)))]),
+                      ClockGroup("cms.1", 2, 1.0, [("layers.0.w", torch.nn.Parameter(torch.zeros(3)))])])
+    saved = [{"acc": {"layers.0.w": torch.full((3,), float(r + 1))}, "window_tokens": {"base": 0, "cms.1": 64}}
+             for r in range(3)]
+    flat = {"model.x": torch.zeros(1), "rng.rank5.cpu": torch.zeros(1)}
+    for r, state in enumerate(saved):
+        flat.update(CMSClock.flat_state(r, state))
+    assert CMSClock.parse_key("clock.dp2.acc.layers.0.w") == (2, "acc", "layers.0.w")
+    assert CMSClock.parse_key("clock.dp1.window_tokens.cms.1") == (1, "window_tokens", "cms.1")
+    assert [CMSClock.parse_key(k) for k in ("rng.rank5.cpu", "clock.dpx.acc.w", "clock.dp0.other.w")] == [None] * 3
+    assert [RNGState.parse_key(k) for k in ("rng.rank5.cpu", "rng.rank5", "clock.dp0.acc.w")] == [5, None, None]
+    popped = CMSClock.pop_flat(flat)
+    assert set(flat) == {"model.x", "rng.rank5.cpu"} and len(popped) == 3
+    assert all(torch.equal(p["acc"]["layers.0.w"], s["acc"]["layers.0.w"]) for p, s in zip(popped, saved))
+    assert CMSClock.resplit(popped, 1, 3) is popped[1]  # same dp size: each rank its own
+    one = CMSClock.resplit(popped, 0, 1)
+    assert torch.equal(one["acc"]["layers.0.w"], torch.full((3,), 6.0)) and one["window_tokens"]["cms.1"] == 64
+    assert not CMSClock.resplit(popped, 1, 2)["acc"]["layers.0.w"].any()
+    clock.load_checkpoint_state({CMSClock.rank_key(r): s for r, s in enumerate(popped)}, 0, 2)
+    assert torch.equal(clock.acc["layers.0.w"], torch.full((3,), 6.0)) and clock.groups[1].window_tokens == 64

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import hope_dist
 from hope_dist.checkpoint import CheckpointError, read_flat
-from hope_dist.pretrained import PretrainedError
+from hope_dist.pretrained_io import PretrainedError
 from tools import convert
 from tools.inspect_ckpt import main as inspect_main
 

@@ -23,7 +23,7 @@ import hope_dist
 from hope_dist.config import load_config
 from hope_dist.lm_eval_model import HopeEvalLM, RequestTooLong
 from hope_dist.model import build_model
-from hope_dist.pretrained import PretrainedError, save_pretrained
+from hope_dist.pretrained_io import PretrainedError, save_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = REPO / "tests" / "data" / "lm_eval"

@@ -10,7 +10,7 @@ CKPT is a committed step-N folder (it is verified first: marker, every shard, ch
 export-hf also read one written by parallel.engine=deepspeed (DeepSpeed's own files).
 reshard writes the same training state for another (dp, tp, pp) layout: model and optimizer are
 stored layout-free by DCP; the CMS clocks' pending window sums are re-split over the new
-data-parallel ranks (their total is kept, see hope_dist.checkpoint.clock_for_dp_rank) and the
+data-parallel ranks (their total is kept, see hope_dist.clock.CMSClock.resplit) and the
 RNG streams of ranks that no longer exist are dropped. import-hf writes a training checkpoint
 from an exported folder: with --base, the base checkpoint's full training state with the
 imported weights; without, the weights alone (training from it starts at step 0).
@@ -29,16 +29,16 @@ from pathlib import Path
 
 import torch
 
-from hope_dist.checkpoint import (CheckpointError, clock_for_dp_rank, model_config_diff, read_flat, read_meta,
-                                  read_model, verify, write_offline)
+from hope_dist.checkpoint import (CheckpointError, model_config_diff, read_flat, read_meta, read_model, verify,
+                                  write_offline)
+from hope_dist.checkpoint_manager import RNGState
+from hope_dist.clock import CMSClock
 from hope_dist.config import JobConfig, ModelConfig, from_dict
 from hope_dist.errors import UserError, report
-from hope_dist.pretrained import (CONFIG, INDEX, WEIGHTS, PretrainedError, build_from_weights, check_tokenizer,
-                                  read_config, read_weights, save_pretrained)
+from hope_dist.pretrained_io import (CONFIG, INDEX, WEIGHTS, PretrainedError, build_from_weights, check_tokenizer,
+                                     read_config, read_weights, save_pretrained)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-_CLOCK = re.compile(r"^clock\.dp(\d+)\.(acc|window_tokens)\.(.+)$")
-_RNG = re.compile(r"^rng\.rank(\d+)\.")
 
 
 def checked(path: str) -> tuple[Path, dict]:
@@ -120,17 +120,11 @@ def reshard(ckpt: str, out: str, dp_replicate: int | None = None, dp_shard: int 
     cfg.validate()
     new_dp, new_world = p.dp_replicate * p.dp_shard, p.dp_replicate * p.dp_shard * p.tp * p.pp
     flat = read_flat(path)
-    saved: dict[int, dict] = {}
-    for key in [k for k in flat if _CLOCK.match(k)]:
-        r, kind, name = _CLOCK.match(key).groups()
-        saved.setdefault(int(r), {"acc": {}, "window_tokens": {}})[kind][name] = flat.pop(key)
-    for key in [k for k in flat if _RNG.match(k) and int(_RNG.match(k).group(1)) >= new_world]:
+    saved = CMSClock.pop_flat(flat)
+    for key in [k for k in flat if (rank := RNGState.parse_key(k)) is not None and rank >= new_world]:
         del flat[key]
-    states = [saved[r] for r in sorted(saved)]
     for r in range(new_dp):
-        state = states[r] if len(states) == new_dp else clock_for_dp_rank(states, r)
-        for kind in ("acc", "window_tokens"):
-            flat.update({f"clock.dp{r}.{kind}.{name}": v for name, v in state[kind].items()})
+        flat.update(CMSClock.flat_state(r, CMSClock.resplit(saved, r, new_dp)))
     meta = {**meta, "layout": {"dp": new_dp, "tp": p.tp, "pp": p.pp}, "world_size": new_world,
             "config": cfg.to_dict(), "resharded_from": {"path": str(path), "layout": meta["layout"]}}
     return write_offline(Path(out), flat, meta)

@@ -25,7 +25,7 @@ from hope_dist.evals import passkey as pk
 from hope_dist.evals.loading import DTYPES, EvalError, load_encoder, load_model, open_documents
 from hope_dist.evals.perplexity import perplexity
 from hope_dist.evals.report import write_all
-from hope_dist.pretrained import PretrainedError
+from hope_dist.pretrained_io import PretrainedError
 
 TASKS = ("perplexity", "long_context", "passkey", "mqar")
 

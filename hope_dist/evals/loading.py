@@ -19,7 +19,7 @@ import torch
 from hope_dist.checkpoint import CheckpointError, committed_steps, read_meta, read_model, verify
 from hope_dist.config import ConfigError, ModelConfig, from_dict
 from hope_dist.model import HopeModel
-from hope_dist.pretrained import build_from_weights, read_config, read_weights
+from hope_dist.pretrained_io import build_from_weights, read_config, read_weights
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 _STEP = re.compile(r"^step-\d+$")

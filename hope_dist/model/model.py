@@ -16,6 +16,7 @@ from hope_dist.model.attention import AttentionMixer
 from hope_dist.model.cms import CMS
 from hope_dist.model.memory_mixer import MemoryMixer
 from hope_dist.model.norms import RMSNorm
+from hope_dist.model.parallel_plan import check_plan, model_plan
 from hope_dist.model.segments import Segments
 
 
@@ -55,6 +56,7 @@ class HopeModel(nn.Module):
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        check_plan(self)  # every parameter has a parallel plan, whatever the layout
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -105,22 +107,11 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> HopeMod
     return model
 
 
-def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Parameter counts by part; tied weights are counted once."""
-    seen: set[int] = set()
+def count_parameters(model: HopeModel) -> dict[str, int]:
+    """Parameter counts by part (the parallel plan's); tied weights are counted once."""
+    plan = model_plan(model)
     counts = {"embedding": 0, "mixer": 0, "cms": 0, "norms_and_head": 0}
-    for name, p in model.named_parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        if name.startswith("tok_embeddings"):
-            part = "embedding"
-        elif ".mixer." in name:
-            part = "mixer"
-        elif ".cms." in name:
-            part = "cms"
-        else:
-            part = "norms_and_head"
-        counts[part] += p.numel()
+    for name, p in model.named_parameters():  # tied weights appear once
+        counts[plan[name].part] += p.numel()
     counts["total"] = sum(counts.values())
     return counts

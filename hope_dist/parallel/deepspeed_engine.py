@@ -28,8 +28,9 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from hope_dist.checkpoint import (DEEPSPEED_MODEL, CheckpointError, _commit, _digests, check_model_config,
-                                  read_meta, verify_distributed)
+from hope_dist.checkpoint import DEEPSPEED_MODEL, CheckpointError, _commit, _digests
+from hope_dist.checkpoint_manager import RNGState, TrainPosition
+from hope_dist.clock import CMSClock
 from hope_dist.config import ConfigError, JobConfig
 from hope_dist.trainer import Trainer, build_optimizer
 
@@ -163,9 +164,11 @@ class DeepSpeedTrainer(Trainer):
 
     # ------------------------------------------------------------------ checkpoints
     def _local_state(self) -> dict:
-        return {"clock": self.clock.state_dict(), "rng": self._rng_state(),
+        """This rank's hope_rank{r}.pt: its own clock and RNG (no rank keys: one file per rank), the
+        clocked levels' AdamW, the train position."""
+        return {CMSClock.KEY: self.clock.state_dict(), RNGState.KEY: self.checkpoint.rng.state_dict(),
                 "optim": self.optimizer.state_dict() if self.optimizer is not None else None,
-                "train": self._train_state()}
+                TrainPosition.KEY: self.checkpoint.train.state_dict()}
 
     def save(self, skippable: bool = False) -> Path:
         """DeepSpeed's save_checkpoint into step-N/, this rank's hope_rank{r}.pt, then the commit."""
@@ -186,15 +189,10 @@ class DeepSpeedTrainer(Trainer):
 
     def maybe_resume(self) -> None:
         """Resume from a DeepSpeed checkpoint of the same dp size, bit for bit."""
-        path = self.ckpt.resume_path()
-        if path is None:
+        opened = self.checkpoint.open_resume("deepspeed")
+        if opened is None:
             return
-        meta = read_meta(path)
-        check_model_config(path, meta, self.cfg.model)
-        verify_distributed(path)
-        if meta.get("engine") != "deepspeed":
-            raise CheckpointError(f"{path} was written by parallel.engine=native: resume it with "
-                                  f"--parallel.engine=native (or start a new run_dir)")
+        path, meta = opened
         if int(meta["layout"]["dp"]) != self.dp_size:
             raise CheckpointError(f"{path} was saved under dp={meta['layout']['dp']}, now dp={self.dp_size}: ZeRO's "
                                   f"optimizer partitions are per dp rank; resume with the saved dp size")
@@ -202,10 +200,10 @@ class DeepSpeedTrainer(Trainer):
         if loaded is None:
             raise CheckpointError(f"{path}: DeepSpeed found no checkpoint to load in it")
         state = torch.load(path / f"hope_rank{self.rank}.pt", map_location=self.device, weights_only=False)
-        self.clock.load_state_dict(state["clock"])
+        self.clock.load_state_dict(state[CMSClock.KEY])
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optim"])
-        self._load_rng_state(state["rng"])
-        self._load_train_state(state["train"])
+        self.checkpoint.rng.load_state_dict(state[RNGState.KEY])
+        self.checkpoint.train.load_state_dict(state[TrainPosition.KEY])
         if self.rank == 0:
             log.info("resumed from %s at step %d (deepspeed)", path, self.step)

@@ -1,9 +1,10 @@
 """FSDP2 units along the CMS clocks, and their clocked reduction.
 
-Units: every CMS level of every block is its own `fully_shard` unit (so it can skip its
-reduction between ticks), the rest of each block is one unit, and so are the embedding, the
-final norm and the head. There is no unit at the model's root: the pipeline's stage views are
-then plain modules, and the pipeline does not force a reduction of every unit after backward.
+Units (the model's parallel plan, model/parallel_plan.fsdp_units): every CMS level of every
+block is its own `fully_shard` unit (so it can skip its reduction between ticks), the rest of each
+block is one unit, and so are the embedding, the final norm and the head. There is no unit at the
+model's root: the pipeline's stage views are then plain modules, and the pipeline does not force a
+reduction of every unit after backward.
 
 All units keep `requires_gradient_sync(False)`: during backward FSDP2 only accumulates each
 unit's unsharded gradient locally. After the step's last micro-batch `FSDPClockedSync` banks the
@@ -24,6 +25,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from hope_dist.clock import CMSClock
+from hope_dist.model.parallel_plan import fsdp_units
 from hope_dist.torch_compat import (fsdp_params, fsdp_reduce_now, fsdp_reduce_scatter_comm, fsdp_set_unreduced_grad,
                                     fsdp_take_unreduced_grad, fsdp_unsharded_grad_zeros)
 
@@ -74,14 +76,8 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh) -> dict[str, list[FSDPModule]
         unit.set_custom_reduce_scatter(CountingReduceScatter())
         units[group].append(unit)
 
-    for block in model.layers.values():
-        for i, level in enumerate(block.cms.levels):
-            shard(level, f"cms.{i}")
-        shard(block, "base")
-    for name in ("tok_embeddings", "norm", "output"):
-        module = getattr(model, name)
-        if module is not None:
-            shard(module, "base")
+    for module, group in fsdp_units(model):
+        shard(module, group)
     return dict(units)
 
 

@@ -1,22 +1,24 @@
 """Tensor parallelism by heads (docs/model.md section 5), applied to the single-device model.
 
-- Mixer: the input projections (a, q, g; titans also k, v and the eta/alpha rates) are
-  column-parallel, so each rank gets whole heads; W_out is row-parallel. The memories' initial
-  weights, the per-head read-outs and the causal convolutions are sharded on their head axis,
-  and the mixer computes with their local shards (`LocalShards`): the memory op sees plain
-  tensors of this rank's heads, so the fast-weight state of a head lives on one rank and is
-  never communicated.
-- CMS levels: gate/up column-parallel, down row-parallel. An in-context level's deviation of the
-  down projection is sharded like it (this rank's hidden columns): the op sums its products over
-  the tp group itself (kernels/cms_in_context/chunk.py).
-- Embedding and LM head vocab-parallel; the head returns this rank's logit columns and
+What each parameter becomes is the model's parallel plan (hope_dist/model/parallel_plan.py); this
+file only carries the plan's kinds out with DTensor:
+- colwise / rowwise nn.Linear: torch's ColwiseParallel / RowwiseParallel. In the mixer the input
+  projections are column-parallel, so each rank gets whole heads; W_out is row-parallel. In a CMS
+  level gate/up are column-parallel and down row-parallel; an in-context level's deviation of the
+  down projection is sharded like it and the op sums over the tp group itself
+  (kernels/cms_in_context/chunk.py).
+- heads: sharded on the head axis, and the module computes with its local shards (`LocalShards`):
+  the memory op sees plain tensors of this rank's heads, so the fast-weight state of a head lives
+  on one rank and is never communicated.
+- vocab_embedding / vocab_head: vocab-parallel; the head returns this rank's logit columns and
   `vocab_parallel_loss` computes the cross-entropy over the vocabulary shards.
-- Every other parameter (the RMSNorms) becomes a Replicate DTensor used through its local
-  copy, so the whole model is DTensors on one mesh for FSDP2, clipping and checkpoints.
+- local / replicated: a Replicate DTensor used through its local copy (gradient Partial: summed
+  over tp / Replicate), so the whole model is DTensors on one mesh for FSDP2, clipping and checkpoints.
 """
 from __future__ import annotations
 
 import contextlib
+from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +28,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel, loss_parallel,
                                                parallelize_module)
 
-from hope_dist.model.memory_mixer import MemoryMixer
-
-# head axis of the mixer's own parameters
-_HEAD_DIM = {"mem_w1": 1, "mem_w2": 1, "eta_w": 0, "eta_b": 0, "alpha_w": 0, "alpha_b": 0, "gamma": 0}
+from hope_dist.model.parallel_plan import ParamPlan, check_plan, tp_group_users
 
 
 class LocalShards:
@@ -63,33 +62,46 @@ def _distribute_params(module: nn.Module, mesh: DeviceMesh, placements: dict[str
     LocalShards(module, grad_placements)
 
 
-def _replicate_rest(module: nn.Module, mesh: DeviceMesh, grad: tuple) -> None:
-    """Make every plain parameter of `module`'s tree a Replicate DTensor used locally."""
-    for sub in module.modules():
-        names = [n for n, p in sub._parameters.items() if p is not None and not isinstance(p, DTensor)]
-        if names:
-            _distribute_params(sub, mesh, {n: (Replicate(),) for n in names}, {n: grad for n in names})
+_LINEAR_STYLES = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
 
 
-def _mixer_plan(mixer: nn.Module) -> dict:
-    plan = {f"proj.{name}": ColwiseParallel() for name in mixer.proj}
-    if isinstance(mixer, MemoryMixer) and not mixer.selfmod:
-        plan.update({f"rates.{name}": ColwiseParallel() for name in mixer.rates})
-    plan["out"] = RowwiseParallel()
-    return plan
+def _by_module(plan: dict[str, ParamPlan]) -> dict[str, dict[str, ParamPlan]]:
+    """{module path: {parameter name: plan}}; '' is the root."""
+    out: dict[str, dict[str, ParamPlan]] = defaultdict(dict)
+    for key, p in plan.items():
+        path, _, name = key.rpartition(".")
+        out[path][name] = p
+    return out
 
 
-def _shard_memory_mixer(mixer: MemoryMixer, mesh: DeviceMesh) -> None:
-    own = {n: (Shard(_HEAD_DIM[n]),) for n, p in mixer._parameters.items() if p is not None}
-    _distribute_params(mixer, mesh, own, own)
-    for conv in mixer.conv.values():  # channels are heads x d_h, head-major
-        _distribute_params(conv, mesh, {"weight": (Shard(0),)}, {"weight": (Shard(0),)})
-    # one RMSNorm weight shared by all heads, applied here to this rank's heads only
-    _distribute_params(mixer.out_norm, mesh, {"weight": (Replicate(),)}, {"weight": (Partial(),)})
+def _linear_styles(plan: dict[str, ParamPlan]) -> dict:
+    """torch's parallel style of every colwise / rowwise nn.Linear of the plan."""
+    styles = {}
+    for path, params in _by_module(plan).items():
+        kinds = {p.tp for p in params.values()}
+        if kinds & _LINEAR_STYLES.keys():
+            (kind,) = kinds  # a Linear's weight and bias split alike
+            styles[path] = _LINEAR_STYLES[kind]()
+    return styles
+
+
+def _shard_locally_used(root: nn.Module, mesh: DeviceMesh, plan: dict[str, ParamPlan]) -> None:
+    """The heads / local / replicated parameters of `root`'s plan (keys relative to root)."""
+    for path, params in _by_module(plan).items():
+        placements, grads = {}, {}
+        for name, p in params.items():
+            if p.tp == "heads":
+                placements[name] = grads[name] = (Shard(p.head_axis),)
+            elif p.tp in ("local", "replicated"):
+                placements[name] = (Replicate(),)
+                grads[name] = (Partial(),) if p.tp == "local" else (Replicate(),)
+        if placements:
+            _distribute_params(root.get_submodule(path), mesh, placements, grads)
 
 
 def apply_tp(model: nn.Module, mesh: DeviceMesh) -> None:
-    """Shard `model` (a HopeModel, possibly a pipeline stage's part of one) over `mesh` by heads."""
+    """Shard `model` (a HopeModel, possibly a pipeline stage's part of one) over `mesh` by heads,
+    as its parallel plan says."""
     cfg = model.cfg
     tp = mesh.size()
     if cfg.n_heads % tp:
@@ -99,24 +111,19 @@ def apply_tp(model: nn.Module, mesh: DeviceMesh) -> None:
                          f"embedding and head are vocab-parallel; pad the vocabulary to a multiple of {tp}")
     if cfg.tie_embeddings:
         raise ValueError("model.tie_embeddings=true is not supported with parallel.tp > 1")
+    plan = check_plan(model)
     if model.tok_embeddings is not None:
         parallelize_module(model.tok_embeddings, mesh, RowwiseParallel(input_layouts=Replicate()))
     if model.output is not None:
         parallelize_module(model.output, mesh, ColwiseParallel(output_layouts=Shard(-1)))
-    for block in model.layers.values():
-        plan = {f"mixer.{k}": v for k, v in _mixer_plan(block.mixer).items()}
-        for i in range(len(block.cms.levels)):
-            plan.update({f"cms.levels.{i}.mlp.gate": ColwiseParallel(),
-                         f"cms.levels.{i}.mlp.up": ColwiseParallel(),
-                         f"cms.levels.{i}.mlp.down": RowwiseParallel()})
-        parallelize_module(block, mesh, plan)
-        for level in block.cms.levels:
-            level.tp_group = mesh.get_group()
-        if isinstance(block.mixer, MemoryMixer):
-            _shard_memory_mixer(block.mixer, mesh)
-        else:
-            _replicate_rest(block.mixer, mesh, (Partial(),))
-    _replicate_rest(model, mesh, (Replicate(),))
+    for name, block in model.layers.items():
+        prefix = f"layers.{name}."
+        bplan = {k[len(prefix):]: p for k, p in plan.items() if k.startswith(prefix)}
+        parallelize_module(block, mesh, _linear_styles(bplan))
+        for module in tp_group_users(block):
+            module.tp_group = mesh.get_group()
+        _shard_locally_used(block, mesh, bplan)
+    _shard_locally_used(model, mesh, {k: p for k, p in plan.items() if not k.startswith("layers.")})
 
 
 def vocab_parallel_loss(logits: torch.Tensor, labels: torch.Tensor, mesh: DeviceMesh | None) -> torch.Tensor:
