@@ -17,7 +17,7 @@ internals here and nowhere else:
 - DeviceMesh: the flattened data-parallel dimension (hope_dist/parallel/mesh.py) uses
   `DeviceMesh._flatten`.
 
-tests/test_torch_internals.py checks each of these against the installed torch (existence,
+tests/unit/test_torch_internals.py checks each of these against the installed torch (existence,
 signatures, and a world-size-1 FSDP/DCP run of the same calls); when torch changes one, it fails
 naming `torch.__version__` and what changed, and this module is the one place to adapt.
 Last checked against torch 2.13 (what scripts/setup.sh installs). Not covered:

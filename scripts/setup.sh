@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv and install hope_dist with its test extras (dev; eval = lm-eval + transformers,
-# tests/test_lm_eval.py; deepspeed = DeepSpeed 0.19 without prebuilt ops, tests/test_deepspeed.py;
+# tests/integration/test_lm_eval.py; deepspeed = DeepSpeed 0.19 without prebuilt ops, tests/integration/test_deepspeed.py;
 # override with EXTRAS=dev). Installs the CPU torch 2.13.0 wheel first (a
 # fresh machine has it locally) so nothing pulls a CUDA build; on a GPU machine set TORCH_SPEC to
 # the torch you want, e.g. TORCH_SPEC="torch==2.13.0" with the CUDA index.

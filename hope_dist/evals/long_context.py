@@ -6,7 +6,7 @@ any length in segments of S tokens, handing the state from one segment to the ne
 with the state carried than with it reset at every segment. The memory op counts its chunks
 from the start of each call, so carrying equals one long forward exactly only when S is a
 multiple of model.state_span (proj_chunk_size, and in-context CMS chunks, which count the same way;
-checked; tests/test_evaluate.py checks the equality to 1e-5).
+checked; tests/unit/test_evaluate.py checks the equality to 1e-5).
 Attention has no fixed-size state: carrying it means a KV cache over the whole document, at
 positions past the trained window, so attention is scored within its window only (reset).
 """

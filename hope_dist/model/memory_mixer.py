@@ -6,7 +6,7 @@ alpha come from: the four projection memories (selfmod) or outer linear maps (ti
 The head count is read from the parameters' shapes at run time, so a tensor-parallel layer
 that hands this module only its own heads needs no change here.
 
-Choices the spec leaves open (tested in tests/test_model.py):
+Choices the spec leaves open (tested in tests/unit/test_model.py):
 - q (and titans' k, v) are normalised with the op's own l2norm (x / sqrt(|x|^2 + 1e-6)).
 - titans: k and v pass the same causal conv + SiLU as q, then L2 norm; eta and alpha are
   sigmoid read-outs of x (eta scaled by eta_max).

@@ -1,7 +1,7 @@
 """The counted tables of docs/reliability.md, written from what the tests observed.
 
     HOPE_RELIABILITY_TABLE=docs/reliability.md .venv/bin/python -m pytest -q \
-        tests/test_bad_inputs.py tests/test_launch_errors.py
+        tests/integration/test_bad_inputs.py tests/integration/test_launch_errors.py
 
 rewrites the block between `<!-- NAME:begin -->` and `<!-- NAME:end -->` of that file for every
 test module that ran (a count per category, then one row per case with the message it gave).

@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from conftest import write_indexed_dataset
+from helpers import write_indexed_dataset
 
 from hope_dist.data import build_train_stream
 from hope_dist.data.blend import BLOCK

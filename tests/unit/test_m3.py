@@ -12,10 +12,8 @@ import torch
 from hope_dist.config import ConfigError, load_config
 from hope_dist.optim import M3, newton_schulz
 from hope_dist.optim.newton_schulz import NS_COEFFICIENTS, NS_EPS
-from hope_dist.trainer import Trainer
 
-from conftest import make_trainer, read_losses, tiny_overrides
-from test_parallel_equivalence import STEPS, check_equivalent, overrides, run_layouts
+from helpers import make_trainer, read_losses, tiny_overrides
 
 HP = dict(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, beta3=0.8, alpha=0.7, ns_steps=5, slow_every=3)
 
@@ -178,30 +176,3 @@ def test_resume_is_bit_exact(random_dataset, tmp_path):
         assert torch.equal(p, q), n
         for key, value in full.optimizer.state[p].items():
             assert torch.equal(value, resumed.optimizer.state[q][key]), (n, key)
-
-
-def _single_process(dataset, run_dir, **extra) -> dict:
-    trainer = Trainer(load_config(None, overrides(dataset, run_dir, **extra)))
-    rows = [trainer.train_step() for _ in range(STEPS)]
-    rows[-1].update(trainer.validate())
-    return {"losses": [r["loss"] for r in rows], "rows": rows,
-            "params": {n: p.detach().clone() for n, p in trainer.model.named_parameters()}}
-
-
-# by world size: FSDP2 alone (every hidden matrix sharded on one axis), TP alone (column- and
-# row-parallel matrices), and both on a 2-D (dp_shard, tp) mesh
-LAYOUTS = {2: {"dp2_shard": {"parallel.dp_shard": 2}, "tp2": {"parallel.tp": 2}},
-           4: {"dp2_shard_tp2": {"parallel.dp_shard": 2, "parallel.tp": 2}}}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("world", list(LAYOUTS))
-def test_fsdp_and_tp_layouts_match_single_process(random_dataset, tmp_path, world):
-    """Each layout trains like one process: the gathered-matrix Newton-Schulz makes M3 independent
-    of the layout. f = 2 puts slow steps inside the 6 steps."""
-    m3 = {"optim.name": "m3", "optim.slow_every": 2}
-    ref = _single_process(random_dataset, tmp_path / "ref", **m3)
-    runs = {name: overrides(random_dataset, tmp_path / name, **m3, **layout) for name, layout in LAYOUTS[world].items()}
-    results = run_layouts(runs, world, tmp_path)
-    for name in runs:
-        check_equivalent(results[name], ref)

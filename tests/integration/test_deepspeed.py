@@ -23,7 +23,7 @@ from hope_dist.config import ConfigError, load_config
 from hope_dist.trainer import Trainer
 from tools import convert
 
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow

@@ -18,7 +18,8 @@ from data_prep import corpus, tokenize
 from data_prep.engines import TiktokenEncoder, load_encoder, tiktoken_incompatibility
 from data_prep.train_tokenizer import train
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
 WORDS = ["alpha", "beta", "gamma", "delta", "naïve", "日本語", "def", "return", "    ", "\n", "x=1;",
          "Ünïcödé", "42", "3.14", "'s", " don't", "<|endoftext|>", "emoji🙂", "\t", "tab\ttab"]
 

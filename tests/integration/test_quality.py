@@ -11,18 +11,17 @@ import torch
 from hope_dist.config import load_config
 from hope_dist.model import HopeModel, count_parameters
 
-from conftest import write_indexed_dataset
+from helpers import REPO, write_indexed_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(REPO / "bench"))
 import bench_quality  # noqa: E402
 
-SIZES = sorted({p.stem.split("_")[1] for p in (ROOT / "configs/quality").glob("hope_*.yaml")})
+SIZES = sorted({p.stem.split("_")[1] for p in (REPO / "configs/quality").glob("hope_*.yaml")})
 
 
 @pytest.mark.parametrize("size", SIZES)
 def test_equal_parameters_and_recipe(size):
-    cfgs = {m: load_config(ROOT / f"configs/quality/{m}_{size}.yaml", []) for m in bench_quality.MODELS}
+    cfgs = {m: load_config(REPO / f"configs/quality/{m}_{size}.yaml", []) for m in bench_quality.MODELS}
     counts = {}
     for m, cfg in cfgs.items():
         with torch.device("meta"):

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import statistics
 import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from helpers import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
 
 import cost_model as cm  # noqa: E402
 from hope_dist.config import ConfigError  # noqa: E402

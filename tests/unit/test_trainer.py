@@ -9,7 +9,7 @@ from hope_dist.checkpoint import MARKER, committed_steps
 from hope_dist.config import load_config
 from hope_dist.trainer import Trainer
 
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 
 
 def run(prefix, vocab, eod, run_dir, **extra):

@@ -16,11 +16,11 @@ from typing import Callable
 
 import pytest
 
-from reliability_table import Table
-from slurm_cluster import SlurmUnavailable, ensure_installed
-from slurm_jobs import cluster, job_log, slurm, submit  # noqa: F401
+from helpers import REPO
+from helpers.reliability_table import Table
+from helpers.slurm_cluster import SlurmUnavailable, ensure_installed
+from helpers.slurm_jobs import cluster, job_log, slurm, submit  # noqa: F401
 
-REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 TABLE = Table("launch-errors")
 IN_JOB = {"SLURM_JOB_ID": "123", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "node[01-02]",

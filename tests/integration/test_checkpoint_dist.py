@@ -15,9 +15,8 @@ from hope_dist.checkpoint import read_flat, read_model
 from hope_dist.config import load_config
 from hope_dist.trainer import Trainer
 
-from conftest import tiny_overrides
+from helpers import REPO, tiny_overrides
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 

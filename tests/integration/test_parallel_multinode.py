@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_overrides
+from helpers import REPO, tiny_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _free_port() -> int:
@@ -30,7 +29,7 @@ def _free_port() -> int:
 def _torchrun(launch: list[str], job: list[str], log: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *launch, "hope_dist/pretrain.py", *job],
-                            cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+                            cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
 def _losses(run_dir: Path) -> list[float]:

@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,9 +17,8 @@ from hope_dist.pretrained_io import PretrainedError
 from tools import convert
 from tools.inspect_ckpt import main as inspect_main
 
-from conftest import make_trainer as make, read_losses as losses
+from helpers import REPO, make_trainer as make, read_losses as losses
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,8 @@
-"""Every (dp, tp, pp) layout trains exactly like one process (docs/model.md sections 4 and 5).
+"""Running a tiny job under several parallel layouts and checking each equals one process.
 
-Each layout is one spawn of real gloo ranks running the real Trainer on a real indexed dataset
-for 6 steps with CMS periods (1, 2, 3); the per-step losses and the final parameters must equal
-an in-process single-rank run with the same global batch and data order (rel. err <= 1e-5),
-and the bytes each rank hands to the data-parallel collectives per step and clock group must be
-exactly the sizes of the gradients of the groups that tick (its tp shard and pp stage's part).
+`run_layouts` spawns real gloo ranks once for a set of layouts, each training the real Trainer on
+a real indexed dataset for STEPS steps with CMS periods PERIODS; `check_equivalent` compares their
+per-step losses, validation loss, memory health and final parameters with `single_process`.
 """
 from __future__ import annotations
 
@@ -20,7 +18,7 @@ from torch.distributed.tensor import DTensor, Shard
 from hope_dist.config import load_config
 from hope_dist.trainer import Trainer
 
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 
 STEPS = 6
 HEALTH_TOL = 1e-5
@@ -83,20 +81,6 @@ def run_layouts(runs: dict[str, list[str]], world: int, out) -> dict[str, list[d
             for name in runs}
 
 
-@pytest.fixture(scope="module")
-def references(random_dataset, tmp_path_factory) -> dict[int, dict]:
-    """Single-process runs by layer count: per-step losses and final parameters."""
-    refs = {}
-    for n_layers in (2, 4):
-        run_dir = tmp_path_factory.mktemp("ref")
-        trainer = Trainer(load_config(None, overrides(random_dataset, run_dir, **{"model.n_layers": n_layers})))
-        rows = [trainer.train_step() for _ in range(STEPS)]
-        rows[-1].update(trainer.validate())
-        refs[n_layers] = {"losses": [r["loss"] for r in rows], "rows": rows,
-                          "params": {n: p.detach().clone() for n, p in trainer.model.named_parameters()}}
-    return refs
-
-
 def reference_model_params(results: list[dict]) -> list[torch.Tensor]:
     merged = {}
     for res in results:
@@ -149,37 +133,11 @@ def check_bytes(results: list[dict]) -> None:
             assert mean == pytest.approx(formula, rel=1e-12)
 
 
-# (dp_replicate, dp_shard, tp, pp, extra) by world size: the issue's meshes (dp, tp, pp), with dp
-# as FSDP2 sharding or as pure replication, plus HSDP, GPipe, activation checkpointing and, on
-# 8 ranks, interleaved 1F1B over 4 layers. One spawn per world size runs all of its layouts.
-LAYOUTS = {
-    2: {"dp2_shard": (1, 2, 1, 1, {}),
-        "dp2_replicate": (2, 1, 1, 1, {}),
-        "tp2": (1, 1, 2, 1, {}),
-        "pp2_1f1b": (1, 1, 1, 2, {})},
-    4: {"dp2_tp2_ac": (1, 2, 2, 1, {"parallel.activation_checkpoint": True}),
-        "dp2_pp2_gpipe": (2, 1, 1, 2, {"parallel.pp_schedule": "gpipe"}),
-        "tp2_pp2": (1, 1, 2, 2, {}),
-        "hsdp2x2": (2, 2, 1, 1, {})},
-    8: {"dp2_tp2_pp2_interleaved": (1, 2, 2, 2, {"parallel.pp_schedule": "interleaved_1f1b",
-                                                 "model.n_layers": 4})},
-}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("world", list(LAYOUTS))
-def test_layouts_match_single_process(random_dataset, references, tmp_path, world):
-    runs = {}
-    for name, (rep, shard, tp, pp, extra) in LAYOUTS[world].items():
-        layout = {"parallel.dp_replicate": rep, "parallel.dp_shard": shard, "parallel.tp": tp,
-                  "parallel.pp": pp, "parallel.pp_microbatches": 2, **extra}
-        runs[name] = overrides(random_dataset, tmp_path / name, **layout)
-    results = run_layouts(runs, world, tmp_path)
-    for name, (rep, shard, tp, pp, extra) in LAYOUTS[world].items():
-        res = results[name]
-        full = sum(p.numel() for p in reference_model_params(res))
-        for r in res:  # the layout was applied: each rank holds only its part
-            assert f"dp_replicate={rep} dp_shard={shard} tp={tp}" in r["layout"], name
-            assert r["local_numel"] < full if shard * tp * pp > 1 else r["local_numel"] == full, name
-        check_equivalent(res, references[extra.get("model.n_layers", 2)])
-        check_bytes(res)
+def single_process(dataset, run_dir, **extra) -> dict:
+    """The reference: the same job in this process, one rank: per-step rows (validation on the last),
+    losses and final parameters."""
+    trainer = Trainer(load_config(None, overrides(dataset, run_dir, **extra)))
+    rows = [trainer.train_step() for _ in range(STEPS)]
+    rows[-1].update(trainer.validate())
+    return {"losses": [r["loss"] for r in rows], "rows": rows,
+            "params": {n: p.detach().clone() for n, p in trainer.model.named_parameters()}}

@@ -25,8 +25,9 @@ from hope_dist.lm_eval_model import HopeEvalLM, RequestTooLong
 from hope_dist.model import build_model
 from hope_dist.pretrained_io import PretrainedError, save_pretrained
 
-REPO = Path(__file__).resolve().parents[1]
-TASKS = REPO / "tests" / "data" / "lm_eval"
+from helpers import DATA, REPO
+
+TASKS = DATA / "lm_eval"
 EOT = "<|endoftext|>"
 close = lambda a, b: torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=1e-5, atol=1e-5)
 

@@ -14,7 +14,7 @@ from hope_dist.data import build_train_stream
 from hope_dist.model import build_model, document_segments
 from hope_dist.trainer import Trainer
 
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 
 PERIODS = (1, 2, 4)
 

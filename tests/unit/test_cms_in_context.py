@@ -15,7 +15,7 @@ from hope_dist.evals.loading import EvalError
 from hope_dist.model import build_model, document_segments
 from kernels.cms_in_context import CMSState, cms_in_context
 
-from conftest import make_trainer, tiny_overrides
+from helpers import make_trainer, tiny_overrides
 
 B, T, F_, D = 3, 37, 6, 5
 TOL64 = 1e-10  # the memory op's float64 bound (docs/model.md section 3)
@@ -230,25 +230,6 @@ def test_trainer_with_validation_and_long_context(random_dataset, tmp_path):
     with torch.no_grad():
         nll = F.cross_entropy(model(x[:, :-1]).transpose(1, 2), x[:, 1:], reduction="none").mean(0)
     assert r["buckets"][1]["carry"] == pytest.approx(float(nll[32:].mean()), abs=1e-5)
-
-
-@pytest.mark.slow
-def test_tp2_and_pp2_match_single_process(random_dataset, tmp_path):
-    from test_parallel_equivalence import STEPS, check_equivalent, overrides, run_layouts
-    from hope_dist.trainer import Trainer
-
-    cms = {"model.cms_in_context": True, "model.cms": "[{width: 32, period: 1, chunk_size: 8}, {width: 32, period: 2, "
-           "chunk_size: 16}, {width: 32, period: 3}]"}
-    trainer = Trainer(load_config(None, overrides(random_dataset, tmp_path / "ref", **cms)))
-    rows = [trainer.train_step() for _ in range(STEPS)]
-    rows[-1].update(trainer.validate())
-    ref = {"losses": [r["loss"] for r in rows], "rows": rows,
-           "params": {n: p.detach().clone() for n, p in trainer.model.named_parameters()}}
-    layouts = {"tp2": {"parallel.tp": 2}, "pp2": {"parallel.pp": 2, "parallel.pp_microbatches": 2}}
-    results = run_layouts({n: overrides(random_dataset, tmp_path / n, **cms, **lay) for n, lay in layouts.items()},
-                          2, tmp_path)
-    for name in layouts:
-        check_equivalent(results[name], ref)
 
 
 # ------------------------------------------------------------------ bad inputs

@@ -1,6 +1,6 @@
 """Held-out validation during training (data/validation.py, Trainer.validate): a document-level split
 that training never sees, a loss that resets the memories at every document as training does, and
-errors that name the key. (Equality under every parallel layout: tests/test_parallel_equivalence.py.)"""
+errors that name the key. (Equality under every parallel layout: tests/integration/test_parallel_equivalence.py.)"""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ from hope_dist.config import ConfigError, load_config
 from hope_dist.data import build_train_stream
 from hope_dist.data.validation import split_documents
 
-from conftest import make_trainer, tiny_overrides, write_indexed_dataset
+from helpers import make_trainer, tiny_overrides, write_indexed_dataset
 
 EOD = 0
 

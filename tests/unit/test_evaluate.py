@@ -22,7 +22,7 @@ from hope_dist.model import build_model
 from tools import convert
 from tools import evaluate
 
-from conftest import make_trainer, write_indexed_dataset
+from helpers import make_trainer, write_indexed_dataset
 
 VOCAB, EOD = 96, 0
 

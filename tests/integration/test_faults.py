@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_overrides
+from helpers import REPO, tiny_overrides
 from hope_dist.checkpoint import committed_steps
 from hope_dist.config import load_config
 from hope_dist.trainer import Trainer
-from slurm_jobs import STEPS, cluster, job_log, kill_rank, metrics, slurm, submit, wait_for_step  # noqa: F401
+from helpers.slurm_jobs import STEPS, cluster, job_log, kill_rank, metrics, slurm, submit, wait_for_step  # noqa: F401
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from slurm_jobs import (REPO, STEPS, cluster, final_loss, job_args, job_env, job_log, metrics, slurm,  # noqa: F401
+from helpers.slurm_jobs import (REPO, STEPS, cluster, final_loss, job_args, job_env, job_log, metrics, slurm,  # noqa: F401
                         submit, wait_for_step)
 
 pytestmark = pytest.mark.slow

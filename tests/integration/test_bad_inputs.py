@@ -30,15 +30,14 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import make_trainer, tiny_overrides, write_indexed_dataset
+from helpers import REPO, make_trainer, tiny_overrides, write_indexed_dataset
 from data_prep import tokenize
 from hope_dist import pretrain
 from hope_dist.checkpoint import committed_steps, verify
 from hope_dist.config import ConfigError, JobConfig, parse_args
-from reliability_table import Table
+from helpers.reliability_table import Table
 from tools import convert
 
-REPO = Path(__file__).resolve().parents[1]
 TABLE = Table("bad-inputs")
 MAINS = {"pretrain.py": pretrain.main, "tools.convert": convert.main, "data_prep.tokenize": tokenize.main}
 LABEL = re.compile(r"[a-z]+ error: ")  # hope_dist.errors.describe: "config error: ...", "data error: ..."

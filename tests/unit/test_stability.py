@@ -13,7 +13,6 @@ that batch: under the spec's gated W1 update (alpha W1 - eta S1) the stale chunk
 accumulates with every repeat of a key and M_alpha's W1 reaches 3.6e13; W1's delta rule along its unit
 input (the default, w1_delta=True) keeps it near its start (docs/memory_op.md).
 """
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,8 +22,10 @@ from safetensors.torch import load_file
 from kernels.hope_memory import hope_memory
 from kernels.hope_memory.types import MemoryParams
 
-RECORDED = Path(__file__).parent / "data" / "titans_step155_layer1_head3.safetensors"
-RECORDED_SELFMOD = Path(__file__).parent / "data" / "selfmod_step860_layer1_head3.safetensors"
+from helpers import DATA
+
+RECORDED = DATA / "titans_step155_layer1_head3.safetensors"
+RECORDED_SELFMOD = DATA / "selfmod_step860_layer1_head3.safetensors"
 CHUNK = 16
 
 

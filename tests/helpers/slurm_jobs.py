@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_overrides
-from slurm_cluster import SlurmCluster, SlurmUnavailable, start_cluster
+from helpers import REPO, tiny_overrides
+from helpers.slurm_cluster import SlurmCluster, SlurmUnavailable, start_cluster
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 40
 ALLOCATION = ("--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", "--time=10")
 

@@ -9,7 +9,7 @@ from hope_dist.parallel.mesh import check_world_size
 from hope_dist.parallel.pipeline import balanced_split, describe_split, plan_stages
 from hope_dist.trainer import Trainer
 
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 
 
 def test_mesh_that_does_not_fit_names_sizes_and_a_fit():

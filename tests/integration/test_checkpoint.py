@@ -14,9 +14,8 @@ from hope_dist.checkpoint import MARKER, STALL_ENV, CheckpointError, committed_s
 from hope_dist.checkpoint_manager import RNGState
 from hope_dist.clock import ClockGroup, CMSClock
 
-from conftest import make_trainer as make, read_losses as losses, tiny_overrides
+from helpers import REPO, make_trainer as make, read_losses as losses, tiny_overrides
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

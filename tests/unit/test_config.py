@@ -3,14 +3,14 @@ import dataclasses
 import subprocess
 import sys
 import typing
-from pathlib import Path
 
 import pytest
 
 from hope_dist.config import CMSLevel, ConfigError, JobConfig, ModelConfig, field_docs, load_config, parse_args
 from hope_dist.parallel.mesh import check_world_size
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
 
 
 def test_tiny_config_loads_with_overrides():
