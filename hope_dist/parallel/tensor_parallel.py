@@ -62,7 +62,10 @@ def _distribute_params(module: nn.Module, mesh: DeviceMesh, placements: dict[str
     LocalShards(module, grad_placements)
 
 
-_LINEAR_STYLES = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+# torch's parallel style for each plan kind that a whole module carries (an nn.Linear or the embedding)
+_MODULE_STYLES = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel,
+                  "vocab_embedding": lambda: RowwiseParallel(input_layouts=Replicate()),
+                  "vocab_head": lambda: ColwiseParallel(output_layouts=Shard(-1))}
 
 
 def _by_module(plan: dict[str, ParamPlan]) -> dict[str, dict[str, ParamPlan]]:
@@ -74,19 +77,19 @@ def _by_module(plan: dict[str, ParamPlan]) -> dict[str, dict[str, ParamPlan]]:
     return out
 
 
-def _linear_styles(plan: dict[str, ParamPlan]) -> dict:
-    """torch's parallel style of every colwise / rowwise nn.Linear of the plan."""
+def _module_styles(plan: dict[str, ParamPlan]) -> dict:
+    """{module path: torch's parallel style} for the plan's colwise, rowwise and vocab kinds."""
     styles = {}
     for path, params in _by_module(plan).items():
         kinds = {p.tp for p in params.values()}
-        if kinds & _LINEAR_STYLES.keys():
+        if kinds & _MODULE_STYLES.keys():
             (kind,) = kinds  # a Linear's weight and bias split alike
-            styles[path] = _LINEAR_STYLES[kind]()
+            styles[path] = _MODULE_STYLES[kind]()
     return styles
 
 
 def _shard_locally_used(root: nn.Module, mesh: DeviceMesh, plan: dict[str, ParamPlan]) -> None:
-    """The heads / local / replicated parameters of `root`'s plan (keys relative to root)."""
+    """The heads / local / replicated parameters of the plan: DTensors the module uses locally."""
     for path, params in _by_module(plan).items():
         placements, grads = {}, {}
         for name, p in params.items():
@@ -112,18 +115,11 @@ def apply_tp(model: nn.Module, mesh: DeviceMesh) -> None:
     if cfg.tie_embeddings:
         raise ValueError("model.tie_embeddings=true is not supported with parallel.tp > 1")
     plan = check_plan(model)
-    if model.tok_embeddings is not None:
-        parallelize_module(model.tok_embeddings, mesh, RowwiseParallel(input_layouts=Replicate()))
-    if model.output is not None:
-        parallelize_module(model.output, mesh, ColwiseParallel(output_layouts=Shard(-1)))
-    for name, block in model.layers.items():
-        prefix = f"layers.{name}."
-        bplan = {k[len(prefix):]: p for k, p in plan.items() if k.startswith(prefix)}
-        parallelize_module(block, mesh, _linear_styles(bplan))
+    parallelize_module(model, mesh, _module_styles(plan))
+    _shard_locally_used(model, mesh, plan)
+    for block in model.layers.values():
         for module in tp_group_users(block):
             module.tp_group = mesh.get_group()
-        _shard_locally_used(block, mesh, bplan)
-    _shard_locally_used(model, mesh, {k: p for k, p in plan.items() if not k.startswith("layers.")})
 
 
 def vocab_parallel_loss(logits: torch.Tensor, labels: torch.Tensor, mesh: DeviceMesh | None) -> torch.Tensor:
