@@ -118,8 +118,7 @@ class CMSClock:
     def pop_flat(cls, flat: dict) -> list[dict]:
         """Take the clock's entries out of a flattened checkpoint: the state of every saved dp rank, in order."""
         saved: dict[int, dict] = {}
-        for key in [k for k in flat if cls.parse_key(k) is not None]:
-            r, kind, name = cls.parse_key(key)
+        for key, (r, kind, name) in [(k, parsed) for k in flat if (parsed := cls.parse_key(k)) is not None]:
             saved.setdefault(r, {kind: {} for kind in cls.KINDS})[kind][name] = flat.pop(key)
         return [saved[r] for r in sorted(saved)]
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from hope_dist.config_loading import ConfigError, field_docs, from_dict, help_text, load_yaml, set_path  # noqa: F401
+from hope_dist.config_loading import (ConfigError, check_choices, field_docs, from_dict, help_text,  # noqa: F401
+                                      load_yaml, set_path)
 
 
 def _check(section: Any, name: str, ok: bool, requirement: str) -> None:
@@ -107,6 +108,7 @@ class ModelConfig:
     """true: no outer gradient through the in-context writes"""
 
     def __post_init__(self) -> None:
+        check_choices(self)
         _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "chunk_size", "proj_chunk_size", "conv_width")
         _check(self, "memory_depth", self.memory_depth in (1, 2), "must be 1 (linear) or 2 (residual MLP)")
         _check(self, "memory_w1_std", self.memory_w1_std is None or self.memory_w1_std > 0,
@@ -174,6 +176,7 @@ class OptimConfig:
     """m3: divide by sqrt(V) + eps before Newton-Schulz, or after it (as printed)"""
 
     def __post_init__(self) -> None:
+        check_choices(self)
         _check(self, "lr", self.lr > 0, "must be > 0")
         for name in ("beta1", "beta2", "beta3"):
             _check(self, name, 0 <= getattr(self, name) < 1, "must be in [0, 1): it is a decay factor, e.g. 0.9")
@@ -205,6 +208,7 @@ class TrainingConfig:
     """the memories start afresh at every document of a packed row"""
 
     def __post_init__(self) -> None:
+        check_choices(self)
         _positive(self, "steps", "seq_len", "global_batch", "micro_batch")
         _check(self, "seed", 0 <= self.seed < 2**63, "must be >= 0 and < 2**63 (numpy and torch seeds)")
 
@@ -273,6 +277,7 @@ class ParallelConfig:
     """engine=deepspeed: a JSON/YAML DeepSpeed config merged into the generated one"""
 
     def __post_init__(self) -> None:
+        check_choices(self)
         _positive(self, "pp", "dp_replicate", "dp_shard", "tp", "pp_microbatches")
 
 
@@ -294,6 +299,7 @@ class CheckpointConfig:
     """stop, or continue: an interval save that fails for a full disk is skipped"""
 
     def __post_init__(self) -> None:
+        check_choices(self)
         _positive(self, "keep_last")
 
 

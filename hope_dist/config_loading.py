@@ -1,7 +1,7 @@
 """Typed dataclasses from YAML and `--key.sub=value` overrides, and the key listing `--help` prints.
 
 Generic over the dataclasses of hope_dist.config (which re-exports what its importers use): a value is
-coerced by its field's type hint, `Literal` fields take one of their values, a field's docstring is
+coerced by its field's type hint, `Literal` fields take one of their values (check_choices), a field's docstring is
 the string literal on the line after it, and every error is a ConfigError naming the dotted key.
 """
 from __future__ import annotations
@@ -40,10 +40,7 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
         return _coerce(key, args[0], value)
-    if origin is typing.Literal:
-        allowed = typing.get_args(tp)
-        if not isinstance(value, str) or value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    if origin is typing.Literal:  # the section's __post_init__ checks it (check_choices)
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -75,6 +72,21 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     if tp is str:
         return str(value)
     return value
+
+
+@functools.cache
+def _choices(cls: type) -> dict[str, tuple]:
+    return {name: typing.get_args(tp) for name, tp in typing.get_type_hints(cls).items()
+            if typing.get_origin(tp) is typing.Literal}
+
+
+def check_choices(section: Any) -> None:
+    """Every `Literal` field of a config section holds one of its choices, however it was built (YAML, an
+    override or code); the message names the field (from_dict puts the section's prefix in front)."""
+    for name, allowed in _choices(type(section)).items():
+        value = getattr(section, name)
+        if not isinstance(value, str) or value not in allowed:
+            raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}")
 
 
 def _unknown_key(full: str, names: set[str]) -> ConfigError:

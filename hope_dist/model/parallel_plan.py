@@ -45,8 +45,7 @@ class ParamPlan:
 
 
 def _linear(module: nn.Module, path: str, tp: str, part: str, clock: str = "base") -> dict[str, ParamPlan]:
-    return {f"{path}.{n}": ParamPlan(tp, part, clock) for n, p in module.named_parameters(recurse=False)
-            if p is not None}
+    return {f"{path}.{n}": ParamPlan(tp, part, clock) for n, _ in module.named_parameters(recurse=False)}
 
 
 def _mixer_plan(mixer: nn.Module) -> dict[str, ParamPlan]:

@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel, loss_parallel,
                                                parallelize_module)
 
-from hope_dist.model.parallel_plan import ParamPlan, check_plan, tp_group_users
+from hope_dist.model.parallel_plan import ParamPlan, model_plan, tp_group_users
 
 
 class LocalShards:
@@ -114,7 +114,7 @@ def apply_tp(model: nn.Module, mesh: DeviceMesh) -> None:
                          f"embedding and head are vocab-parallel; pad the vocabulary to a multiple of {tp}")
     if cfg.tie_embeddings:
         raise ValueError("model.tie_embeddings=true is not supported with parallel.tp > 1")
-    plan = check_plan(model)
+    plan = model_plan(model)  # checked when the model was built
     parallelize_module(model, mesh, _module_styles(plan))
     _shard_locally_used(model, mesh, plan)
     for block in model.layers.values():

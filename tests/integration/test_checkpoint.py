@@ -17,7 +17,6 @@ from hope_dist.clock import ClockGroup, CMSClock
 from helpers import REPO, make_trainer as make, read_losses as losses, tiny_overrides
 
 
-
 @pytest.fixture(scope="module")
 def uninterrupted(random_dataset, tmp_path_factory):
     """8 steps in one go: the reference every interrupted run must reproduce bit for bit."""

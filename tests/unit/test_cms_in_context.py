@@ -1,7 +1,8 @@
 """In-context CMS levels (kernels/cms_in_context, docs/cms_in_context.md): the chunked path against
 the per-token reference in float64, the inner step against its objective written with autograd,
 causality, batch independence, carried state, document resets, the off switch, the trainer with
-validation and the long-context eval, tp=2 / pp=2 against one process, and bad inputs."""
+validation and the long-context eval, and bad inputs (tp=2 / pp=2 against one process:
+tests/integration/test_parallel_equivalence.py)."""
 from __future__ import annotations
 
 import numpy as np
