@@ -17,21 +17,19 @@ import argparse
 import os
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from torch.distributed.checkpoint.state_dict import get_state_dict  # noqa: E402
+import torch
+from torch.distributed.checkpoint.state_dict import get_state_dict
 
-from hope_dist.checkpoint import Checkpointer, verify_distributed  # noqa: E402
-from hope_dist.checkpoint_manager import OPTIM_BY_NAME  # noqa: E402
-from hope_dist.clock import CMSClock, build_clock_groups  # noqa: E402
-from hope_dist.config import CheckpointConfig, CMSLevel, ModelConfig, OptimConfig  # noqa: E402
-from hope_dist.model import build_model  # noqa: E402
-from hope_dist.trainer import build_optimizer  # noqa: E402
+from hope_dist.checkpoint import Checkpointer, verify_distributed
+from hope_dist.checkpoint_manager import OPTIM_BY_NAME
+from hope_dist.clock import CMSClock, build_clock_groups
+from hope_dist.config import CheckpointConfig, CMSLevel, ModelConfig, OptimConfig
+from hope_dist.model import build_model
+from hope_dist.optim import build_optimizer
 
 
 def drop_cache(files: list[Path]) -> None:

@@ -9,15 +9,12 @@ output, which the plain MLP keeps too. Both settings of stop-grad writes; float3
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from hope_dist.config import load_config  # noqa: E402
-from kernels.cms_in_context import cms_in_context  # noqa: E402
+from hope_dist.config import load_config
+from kernels.cms_in_context import cms_in_context
 
 
 def saved_bytes(T: int, f: int, d: int, chunk_size: int, stopgrad: bool) -> int:

@@ -38,7 +38,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 MODELS = ("hope", "hope_rc", "titans", "transformer")
 LABELS = {"hope": "HOPE (selfmod)", "hope_rc": "HOPE, recompute", "titans": "Titans",

@@ -20,16 +20,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import inspect
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Device peaks (dense bf16 FLOP/s, HBM bytes/s). The kernels run their dots in tf32 for 16-bit
 # inputs (half the bf16 rate); the roofline uses the bf16 peak, the issue's yardstick.
@@ -96,40 +93,29 @@ def make_inputs(B, T, H, D, variant, device, dtype=torch.bfloat16):
     return q, params, inputs, leaves
 
 
-def _gated_w1(fn_or_cfg):
-    """The Triton kernels implement W1's gated update; where the op / config has the W1 delta
-    rule switch (w1_delta), turn it off so both paths run the same rule."""
-    if dataclasses.is_dataclass(fn_or_cfg):
-        names = {f.name for f in dataclasses.fields(fn_or_cfg)}
-        return dataclasses.replace(fn_or_cfg, w1_delta=False) if "w1_delta" in names else fn_or_cfg
-    return {"w1_delta": False} if "w1_delta" in inspect.signature(fn_or_cfg).parameters else {}
-
-
 def op_step(impl, q, params, inputs, leaves, chunk_size, proj_chunk_size):
     """One forward + backward of the memory op."""
     from kernels.hope_memory import hope_memory
 
-    extra = _gated_w1(hope_memory)
-
     def step():
-        o, _ = hope_memory(q, params, **inputs, chunk_size=chunk_size, proj_chunk_size=proj_chunk_size, impl=impl,
-                           **extra)
+        o, _ = hope_memory(q, params, **inputs, chunk_size=chunk_size, proj_chunk_size=proj_chunk_size, impl=impl)
         torch.autograd.grad(o.float().square().sum(), leaves)
     return step
 
 
 def chunk_cost(C, D, n_mem=5, in_bytes=2):
-    """Per chunk and head, as the Triton kernels run (selfmod or titans, depth 2, d_m = d_h = D):
-    (fwd FLOPs, bwd FLOPs, fwd HBM bytes, bwd HBM bytes). The backward counts its recomputation of
-    the chunk states (a forward without the read-out) and twice the forward for the gradients.
+    """Per chunk and head, as the Triton kernels run (selfmod or titans, depth 2, d_m = d_h = D, W1's
+    delta rule, no momentum): (fwd FLOPs, bwd FLOPs, fwd HBM bytes, bwd HBM bytes). The backward
+    counts its recomputation of the chunk states (a forward without the read-out), the backward
+    kernel's recomputation of the chunk (the same again) and twice the forward for the gradients.
     Bytes: token tensors in in_bytes, k/v/eta/alpha and states in float32; every memory's program
     reads its chunk-start and gradient states and writes its end state (docs/triton.md)."""
     cdd, ccd = C * D * D, C * C * D
     proj_macs = 4 * 2 * cdd if n_mem == 5 else 0                         # M(a) of the 4 projection memories
-    mem_macs = 7 * cdd + 2.5 * ccd                                       # targets, r, u, WY solve, end state
-    read_macs = 2 * cdd + 4 * ccd                                        # M_o's inclusive read-out
+    mem_macs = 9 * cdd + 5 * ccd                 # targets, r, u; per weight (W2, W1) a WY/UT solve and end state
+    read_macs = 2 * cdd + 6 * ccd                                        # M_o's inclusive read-out
     fwd = proj_macs + n_mem * mem_macs + read_macs
-    bwd = (fwd - read_macs) + 2 * fwd
+    bwd = 2 * (fwd - read_macs) + 2 * fwd
     state, kvea = 2 * D * D * 4, 2 * C * D * 4 + 2 * C * 4
     tok = C * D * in_bytes
     proj_fwd = (tok + 4 * state + kvea) if n_mem == 5 else 0
@@ -193,8 +179,8 @@ def e2e_tokens_per_s(kernel, B, T, H, D, layers, reps, device):
     from hope_dist.config import CMSLevel, ModelConfig
     from hope_dist.model.model import build_model
 
-    cfg = _gated_w1(ModelConfig(vocab_size=32000, d_model=H * D, n_heads=H, n_layers=layers, kernel=kernel,
-                                cms=[CMSLevel(4 * H * D, p) for p in (1, 4)]))
+    cfg = ModelConfig(vocab_size=32000, d_model=H * D, n_heads=H, n_layers=layers, kernel=kernel,
+                      cms=[CMSLevel(4 * H * D, p) for p in (1, 4)])
     model = build_model(cfg, device)
     tokens = torch.randint(0, cfg.vocab_size, (B, T), device=device)
 
@@ -206,15 +192,14 @@ def e2e_tokens_per_s(kernel, B, T, H, D, layers, reps, device):
 
 
 def e2e_760m(reps, device, micro_batch=2):
-    """Training tokens/s (fwd+bwd, bf16 autocast, no optimizer) of configs/hope_760m.yaml (with W1's
-    gated update, the rule the Triton kernels implement) and of a
+    """Training tokens/s (fwd+bwd, bf16 autocast, no optimizer) of configs/hope_760m.yaml and of a
     Transformer++ of the same size (attention mixer, SDPA = FlashAttention on H100, one CMS level
     widened to match the parameter count) at the config's context."""
     from hope_dist.config import CMSLevel, load_config
     from hope_dist.model import HopeModel, count_parameters
     from hope_dist.model.model import build_model
 
-    hope = _gated_w1(load_config(str(Path(__file__).resolve().parents[1] / "configs/hope_760m.yaml")).model)
+    hope = load_config(str(Path(__file__).resolve().parents[1] / "configs/hope_760m.yaml")).model
     T = load_config(str(Path(__file__).resolve().parents[1] / "configs/hope_760m.yaml")).training.seq_len
 
     def size(cfg):

@@ -16,20 +16,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from hope_dist.clock import build_clock_groups  # noqa: E402
-from hope_dist.config import load_config  # noqa: E402
-from hope_dist.model import build_model  # noqa: E402
-from hope_dist.optim import hidden_matrices  # noqa: E402
-from hope_dist.trainer import build_optimizer  # noqa: E402
+from hope_dist.clock import build_clock_groups
+from hope_dist.config import load_config
+from hope_dist.model import build_model
+from hope_dist.optim import hidden_matrices
+from hope_dist.optim import build_optimizer
 
 LARGER = ["--model.vocab_size=16000", "--model.d_model=256", "--model.n_layers=4", "--model.n_heads=4",
           "--model.cms=[{width: 1024, period: 1}, {width: 1024, period: 4}, {width: 1024, period: 16}, "

@@ -22,10 +22,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
+from bench.bench_parallel_layouts import write_dataset
 
-from bench_parallel_layouts import write_dataset  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 LINK = ROOT / "bench" / "netns_link.sh"
 MODEL = {"model.vocab_size": 256, "model.d_model": 256, "model.n_layers": 2, "model.n_heads": 4,

@@ -23,7 +23,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 SIZES = {  # model + batch overrides; 50m: d 512, 8 layers, 4 CMS levels of width 640, 8k vocab (51M)
     "tiny": {"model.vocab_size": 512, "model.d_model": 64, "model.n_layers": 2, "model.n_heads": 4,
@@ -41,7 +40,7 @@ def write_dataset(prefix: Path, vocab: int, n_tokens: int = 400_000) -> None:
     import numpy as np
     import torch
 
-    from data_prep.megatron_format import megatron_indexed_dataset
+    from hope_dist.data.megatron_format import megatron_indexed_dataset
 
     IndexedDatasetBuilder = megatron_indexed_dataset().IndexedDatasetBuilder
 

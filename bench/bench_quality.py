@@ -36,7 +36,6 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 MODELS = ("hope", "titans", "transformer")
 LABELS = {"hope": "HOPE", "titans": "Titans", "transformer": "Transformer++"}
@@ -66,6 +65,11 @@ ABLATIONS = {
                 ["--optim.name=m3"]),
     "hope-m3-lr1e-2": ("optimizer M3 at lr 1e-2 (Newton-Schulz updates take larger rates than AdamW's)",
                        ["--optim.name=m3", "--optim.lr=0.01"]),
+    "hope-nowrite": ("no in-context writes: eta = 0 and retention toward M_0, so every memory stays at its learned "
+                     "M_0 (what the memory earns, issue 24)", ["--model.eta_max=0", "--model.retain_init=true"]),
+    "hope-permem": ("one input per projection memory (k, v, eta, alpha), docs/model.md 2.10",
+                    ["--model.memory_inputs=per_memory"]),
+    "hope-retain": ("retention toward M_0 instead of toward 0, docs/model.md 2.10", ["--model.retain_init=true"]),
 }
 BEGIN, END = "<!-- results:begin (bench/bench_quality.py writes this part) -->", "<!-- results:end -->"
 
@@ -191,26 +195,31 @@ def jobs_for(stage: str, results: dict[str, dict], args) -> list[dict]:
 COST = {"hope": 3, "titans": 2, "transformer": 1}  # relative CPU cost per token: costliest runs start first
 
 
-DATA_STEPS = [  # the default corpus (configs/quality/*_2m.yaml), built on first use as scripts/quickstart.sh does
-    ("data/stdlib/corpus.jsonl", ["data_prep.corpus", "--out", "data/stdlib/corpus.jsonl"]),
-    ("data/stdlib/tokenizer.json", ["data_prep.train_tokenizer", "--input", "data/stdlib/corpus.jsonl",
-                                    "--vocab-size", "4096", "--out", "data/stdlib/tokenizer.json"]),
-    ("data/quality/corpus.jsonl", ["data_prep.corpus", "--out", "data/quality/corpus.jsonl", "--max-mb", "150",
-                                   "--include-site-packages"]),
+DATA_STEPS = [  # the default corpus (configs/quality/*_2m.yaml): (output, command, files checked against the pins)
+    ("data/quality/corpus.jsonl", ["data_prep.pinned_corpus", "--out", "data/quality/corpus.jsonl"], []),
+    ("data/quality/tokenizer.json", ["data_prep.train_tokenizer", "--input", "data/quality/corpus.jsonl",
+                                     "--vocab-size", "4096", "--out", "data/quality/tokenizer.json"],
+     ["tokenizer.json"]),
     ("data/quality/quality.idx", ["data_prep.tokenize", "--input", "data/quality/corpus.jsonl", "--tokenizer",
-                                  "data/stdlib/tokenizer.json", "--output-prefix", "data/quality/quality",
-                                  "--workers", "2"]),
+                                  "data/quality/tokenizer.json", "--output-prefix", "data/quality/quality",
+                                  "--workers", "2"], ["quality.bin", "quality.idx"]),
 ]
 
 
 def ensure_data(args) -> None:
-    """Build the default quality corpus if a run needs it and it is missing (other data: build it yourself)."""
+    """Build the default quality corpus if a run needs it and it is missing (other data: build it yourself).
+    The corpus (data_prep/pinned_corpus.py checks it), its tokenizer and its tokens are refused unless they
+    are the ones pinned in data_prep/quality_corpus.json (docs/QUALITY.md)."""
+    from data_prep.pinned_corpus import check_built
+
     if load("hope", args.size, args.extra).data.paths != ["data/quality/quality"]:
         return
-    for output, cmd in DATA_STEPS:
+    for output, cmd, checked in DATA_STEPS:
         if not (ROOT / output).is_file():
             print(f"building {output}: python -m {' '.join(cmd)}", flush=True)
             subprocess.run([sys.executable, "-m", *cmd], cwd=ROOT, check=True)
+            for name in checked:
+                check_built(ROOT / "data/quality" / name)
 
 
 def run_stages(stages: list[str], args) -> None:

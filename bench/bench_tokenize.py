@@ -25,7 +25,6 @@ import time
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # run as a script from anywhere
 
 _tok = None
 
@@ -47,7 +46,7 @@ def megatron_style(corpus: str, tokenizer: str, prefix: str, workers: int) -> No
     """preprocess_data.py's shape: Pool.imap over lines, one document per call, builder writes."""
     import torch
 
-    from data_prep.megatron_format import megatron_indexed_dataset
+    from hope_dist.data.megatron_format import megatron_indexed_dataset
 
     megatron = megatron_indexed_dataset()
     DType, IndexedDatasetBuilder = megatron.DType, megatron.IndexedDatasetBuilder
@@ -83,7 +82,7 @@ def run(cmd: list[str]) -> None:
 def engine_ceiling(corpus: str, tokenizer: str, mb: float) -> dict:
     """One thread, in process, no I/O: MB/s of the raw engines on the corpus's first ``mb`` MB."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from data_prep.engines import load_encoder
+    from hope_dist.data.encoders import load_encoder
 
     texts, size = [], 0
     with open(corpus) as f:
@@ -130,7 +129,7 @@ def main() -> int:
     for name, r in ceiling.items():
         print(f"  {name:18s} {r['MB/s']:6.2f} MB/s  {r['tokens/s']:>12,.0f} tokens/s")
 
-    from data_prep.megatron_format import megatron_indexed_dataset, read_index
+    from hope_dist.data.megatron_format import megatron_indexed_dataset, read_index
 
     megatron_indexed_dataset()  # import time is not throughput
 

@@ -15,18 +15,15 @@ from __future__ import annotations
 import argparse
 import shlex
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from hope_dist.config import load_config  # noqa: E402
-from hope_dist.model import count_parameters  # noqa: E402
-from hope_dist.trainer import Trainer  # noqa: E402
+from hope_dist.config import load_config
+from hope_dist.model import count_parameters
+from hope_dist.trainer import Trainer
 
 
 def measure(config: str, steps: int, warmup: int, overrides: list[str], label: str) -> dict:

@@ -33,17 +33,16 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
+import torch
+
+from hope_dist.checkpoint import MARKER, committed_steps, read_flat, verify
+from hope_dist.faults import DELAY_ENV
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-
-from hope_dist.checkpoint import DELAY_ENV, MARKER, committed_steps, read_flat, verify  # noqa: E402
 
 KINDS = ("sigkill", "sigterm", "sigusr1", "stall", "save_kill", "tick_kill")
 SIGNALS = {"sigkill": signal.SIGKILL, "sigterm": signal.SIGTERM, "sigusr1": signal.SIGUSR1,

@@ -33,12 +33,10 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from hope_dist.config import ConfigError, JobConfig
+from hope_dist.config import load_config as _load_config
 
-from hope_dist.config import ConfigError, JobConfig  # noqa: E402
-from hope_dist.config import load_config as _load_config  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CALIBRATION = ROOT / "bench" / "cost_model_calibration.json"
 DOC = ROOT / "docs" / "parallel.md"
@@ -128,7 +126,7 @@ def model_sizes(config: str | None, overrides: tuple[str, ...] = ()) -> Sizes:
     import torch
     from torch import nn
 
-    from bench_memory_triton import chunk_cost, model_flops_and_bytes
+    from bench.bench_memory_triton import chunk_cost, model_flops_and_bytes
     from hope_dist.clock import build_clock_groups
     from hope_dist.model import HopeModel
 

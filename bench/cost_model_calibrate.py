@@ -26,12 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from bench.bench_parallel_clocked import LINK, MODEL, job
+from bench.bench_parallel_layouts import write_dataset
 
-from bench_parallel_clocked import LINK, MODEL, job  # noqa: E402
-from bench_parallel_layouts import write_dataset  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SIZES = [1, 2**18, 2**20, 2**22, 2**24]  # float32 elements: 4 B .. 64 MB
 RATE = "1gbit"

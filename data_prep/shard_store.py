@@ -13,7 +13,7 @@ import struct
 
 import numpy as np
 
-from data_prep.megatron_format import FormatError, read_index, write_header, write_index
+from hope_dist.data.megatron_format import FormatError, read_index, write_header, write_index
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:

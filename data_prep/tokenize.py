@@ -3,7 +3,7 @@ r"""Tokenize corpora into Megatron ``PREFIX.bin``/``PREFIX.idx`` with N workers,
     python -m data_prep.tokenize --input data/ --tokenizer tokenizer.json \
         --output-prefix out/corpus --workers 8
 
-The inputs are cut into shards (see ``data_prep.readers``); workers encode whole shards in
+The inputs are cut into shards (see ``hope_dist.data.readers``); workers encode whole shards in
 batches, each shard is published with a completion marker, and a streaming merge writes the
 final files. A rerun after a crash redoes only shards without a valid marker. As a SLURM job
 array, ``--shard-index $SLURM_ARRAY_TASK_ID --num-shards $SLURM_ARRAY_TASK_COUNT`` makes each
@@ -21,10 +21,10 @@ import sys
 import threading
 from collections import Counter
 
-from data_prep.engines import ENGINES, EOD_TOKEN, file_sha256, load_encoder
-from data_prep.megatron_format import token_dtype
+from hope_dist.data.encoders import ENGINES, EOD_TOKEN, file_sha256, load_encoder
+from hope_dist.data.megatron_format import token_dtype
 from data_prep.progress import Progress
-from data_prep.readers import DocumentReader, InputError, Piece, plan_shards
+from hope_dist.data.readers import DocumentReader, InputError, Piece, plan_shards
 from data_prep.shard_store import ShardStore, atomic_write_bytes, merge_shards
 from hope_dist.errors import UserError, report
 

@@ -13,8 +13,8 @@ import os
 import sys
 import time
 
-from data_prep.engines import EOD_TOKEN
-from data_prep.readers import DocumentReader, InputError, plan_shards
+from hope_dist.data.encoders import EOD_TOKEN
+from hope_dist.data.readers import DocumentReader, InputError, plan_shards
 from hope_dist.errors import report
 
 

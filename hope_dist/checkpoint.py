@@ -22,8 +22,8 @@ import logging
 import os
 import re
 import shutil
-import time
 import zlib
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -47,11 +47,6 @@ META = "meta.json"
 MANIFEST = "manifest.json"
 FORMAT = "hope_dist.checkpoint/1"
 ARCHITECTURE = "HopeModel"
-# Test hook: a save of this step stalls forever right before its marker (the SIGKILL test).
-STALL_ENV = "HOPE_DIST_CKPT_STALL_BEFORE_COMMIT"
-# Test hook (bench/chaos.py): every save waits this many ms before its marker, so a fault can land
-# inside a save of a tiny model. Unset (0) outside fault tests.
-DELAY_ENV = "HOPE_DIST_CKPT_COMMIT_DELAY_MS"
 # Model config keys that choose an implementation, not the function: free to differ on resume.
 IMPL_KEYS = ("kernel",)
 DEEPSPEED_MODEL = "mp_rank_00_model_states.pt"  # DeepSpeed's module weights (whole under ZeRO 1/2), by rank 0
@@ -116,7 +111,8 @@ def file_crc32(file: Path, block: int = 1 << 24) -> dict[str, Any]:
     return {"bytes": file.stat().st_size, "crc32": f"{crc:08x}"}
 
 
-def _digests(path: Path, files: list[Path]) -> dict[str, dict]:
+def file_digests(files: list[Path]) -> dict[str, dict]:
+    """The manifest's entries of `files`: name -> size and crc32."""
     return {f.name: file_crc32(f) for f in files}
 
 
@@ -261,19 +257,19 @@ def write_offline(path: Path, flat: dict[str, Any], meta: dict[str, Any]) -> Pat
         raise CheckpointError(f"{path} already exists; choose a new output folder")
     path.mkdir(parents=True)
     dcp.save(flat, checkpoint_id=str(path), no_dist=True)
-    _commit(path, int(meta["step"]), meta, _digests(path, _dcp_files(path)))
+    commit_folder(path, int(meta["step"]), meta, file_digests(_dcp_files(path)))
     return path
 
 
-def _commit(path: Path, step: int, meta: dict[str, Any], digests: dict[str, dict]) -> None:
-    """Rank 0, after every shard is on disk: meta, manifest, then the marker (atomically)."""
+def commit_folder(path: Path, step: int, meta: dict[str, Any], digests: dict[str, dict],
+           before_marker: Callable[[Path, int], None] | None = None) -> None:
+    """Rank 0, after every shard is on disk: meta, manifest, then the marker (atomically).
+    `before_marker`: a fault hook (hope_dist.faults) called right before the marker."""
     meta = {"format": FORMAT, "architecture": ARCHITECTURE, **meta}
     (path / META).write_text(json.dumps(meta, indent=1, default=str))
     (path / MANIFEST).write_text(json.dumps(digests, indent=1, sort_keys=True))
-    if os.environ.get(STALL_ENV) == str(step):
-        log.info("checkpoint: stalling before committing %s (%s)", path, STALL_ENV)
-        time.sleep(3600)
-    time.sleep(float(os.environ.get(DELAY_ENV, "0")) / 1000)
+    if before_marker is not None:
+        before_marker(path, step)
     tmp = path / (MARKER + ".tmp")
     tmp.write_text(f"{step}\n")
     os.replace(tmp, path / MARKER)
@@ -340,8 +336,12 @@ class ReusedBufferStager(AsyncStager):
 
 
 class Checkpointer:
-    def __init__(self, cfg: CheckpointConfig, run_dir: Path, timeout_s: float | None = None):
+    """The step-N folders of a run: save (sync or async), commit, prune, find the one to resume."""
+
+    def __init__(self, cfg: CheckpointConfig, run_dir: Path, timeout_s: float | None = None,
+                 before_commit: Callable[[Path, int], None] | None = None):
         self.cfg = cfg
+        self.before_commit = before_commit  # a fault hook (hope_dist.faults): rank 0, before each marker
         self.dir = Path(cfg.dir) if cfg.dir else Path(run_dir) / "checkpoints"
         self.last_step: int | None = None  # the step of the newest save started by this process
         self._pending: Future | None = None
@@ -393,7 +393,7 @@ class Checkpointer:
         dcp.save(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
         _barrier()
         files = _dcp_files(path)
-        digests = _digests(path, files[_rank()::_world()])
+        digests = file_digests(files[_rank()::_world()])
         if dist.is_initialized():
             parts: list[dict] = [{} for _ in range(_world())]
             dist.all_gather_object(parts, digests)
@@ -401,8 +401,7 @@ class Checkpointer:
         failure = None
         if _rank() == 0:
             try:
-                _commit(path, step, meta, digests)
-                self._prune()
+                self.commit(path, step, meta, digests)
             except OSError as e:
                 failure = (e.errno, f"rank 0 could not commit {path}: {e}")
         if dist.is_initialized():  # every rank leaves with rank 0's outcome, so all stop or go on
@@ -415,8 +414,12 @@ class Checkpointer:
     def _finish_async(self, staged: Future, path: Path, step: int, meta: dict[str, Any]) -> None:
         staged.result()  # on rank 0 this returns after DCP wrote .metadata, i.e. after every rank
         if _rank() == 0:
-            _commit(path, step, meta, _digests(path, _dcp_files(path)))
-            self._prune()
+            self.commit(path, step, meta, file_digests(_dcp_files(path)))
+
+    def commit(self, path: Path, step: int, meta: dict[str, Any], digests: dict[str, dict]) -> None:
+        """Rank 0, once every rank's files of `path` are on disk: commit_folder, then prune."""
+        commit_folder(path, step, meta, digests, self.before_commit)
+        self.prune()
 
     def wait(self) -> None:
         """Block until the in-flight async save (if any) is committed; re-raise its error."""
@@ -455,7 +458,8 @@ class Checkpointer:
             return True
         raise full from err
 
-    def _prune(self) -> None:
+    def prune(self) -> None:
+        """Keep the newest checkpoint.keep_last committed folders; remove uncommitted ones."""
         steps = committed_steps(self.dir)
         for old in steps[:-self.cfg.keep_last]:
             shutil.rmtree(self.path(old), ignore_errors=True)

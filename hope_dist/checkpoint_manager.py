@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 
-from hope_dist.checkpoint import CheckpointError, check_model_config, read_meta, stored_keys, verify_distributed
+from hope_dist.checkpoint import (Checkpointer, CheckpointError, check_model_config, read_meta, stored_keys,
+                                  verify_distributed)
 from hope_dist.clock import CMSClock
-
-if TYPE_CHECKING:
-    from hope_dist.trainer import Trainer
+from hope_dist.config import JobConfig
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +31,23 @@ OPTIM_BY_NAME = StateDictOptions(flatten_optimizer_state_dict=True)
 # What to do with a checkpoint of the other parallel.engine, by the engine that wrote it
 OTHER_ENGINE = {"deepspeed": "resume it with --parallel.engine=deepspeed (or export-hf it and import-hf the folder)",
                 "native": "resume it with --parallel.engine=native (or start a new run_dir)"}
+
+
+class TrainingRun(Protocol):
+    """What the manager reads of the trainer (hope_dist.trainer.Trainer), and the position it sets on resume."""
+
+    cfg: JobConfig
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer | None
+    clock: CMSClock
+    checkpointer: Checkpointer
+    data: Any  # the train stream: state_dict / load_state_dict
+    rank: int
+    dp_rank: int
+    dp_size: int
+    device: torch.device
+    step: int
+    tokens_seen: int
 
 
 class RNGState:
@@ -86,7 +102,7 @@ class TrainPosition:
 
     KEY = "train"
 
-    def __init__(self, trainer: Trainer):
+    def __init__(self, trainer: TrainingRun):
         self.trainer = trainer
 
     def state_dict(self) -> dict:
@@ -101,9 +117,10 @@ class TrainPosition:
 
 
 class CheckpointManager:
-    """Saves and resumes a Trainer's state through its Checkpointer (trainer.ckpt); see the module docstring."""
+    """Saves and resumes a Trainer's state through its Checkpointer (trainer.checkpointer); see the module
+    docstring. Native engine only: parallel.engine=deepspeed writes its own files (deepspeed_engine.py)."""
 
-    def __init__(self, trainer: Trainer):
+    def __init__(self, trainer: TrainingRun):
         self.trainer = trainer
         self.rng = RNGState(trainer.rank, trainer.device)
         self.train = TrainPosition(trainer)
@@ -117,13 +134,13 @@ class CheckpointManager:
                 RNGState.KEY: self.rng.checkpoint_state(), TrainPosition.KEY: self.train.state_dict()}
 
     def save(self, meta: dict, skippable: bool = False) -> Path:
-        return self.trainer.ckpt.save(self.trainer.step, self.state(), meta, skippable)
+        return self.trainer.checkpointer.save(self.trainer.step, self.state(), meta, skippable)
 
     def open_resume(self, engine: str) -> tuple[Path, dict] | None:
         """The checkpoint `checkpoint.resume` names and its meta.json, checked for the job's model
         config, the parallel.engine `engine` and every shard; None when there is none to resume."""
         t = self.trainer
-        path = t.ckpt.resume_path()
+        path = t.checkpointer.resume_path()
         if path is None:
             return None
         meta = read_meta(path)
@@ -148,7 +165,7 @@ class CheckpointManager:
         state = self.state()
         if not any(k.startswith("optim.") for k in keys):
             state = {"model": state["model"]}
-            t.ckpt.load(path, state)
+            t.checkpointer.load(path, state)
             set_model_state_dict(t.model, state["model"])
             if t.rank == 0:
                 log.info("initialised the model from %s (weights only); training starts at step 0", path)
@@ -158,7 +175,7 @@ class CheckpointManager:
         has_rng = self.rng.stored_in(keys)
         if not has_rng:
             state.pop(RNGState.KEY)
-        t.ckpt.load(path, state)
+        t.checkpointer.load(path, state)
         set_state_dict(t.model, t.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"], options=OPTIM_BY_NAME)
         t.clock.load_checkpoint_state(state[CMSClock.KEY], t.dp_rank, t.dp_size)

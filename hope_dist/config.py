@@ -15,9 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from hope_dist.mixer_specs import MIXERS, MixerSpec
 from hope_dist.config_loading import (ConfigError, check_choices, field_docs, from_dict, help_text,  # noqa: F401
                                       load_yaml, set_path)
+from hope_dist.parallel.deepspeed_config import read_user_config
 
+
+MixerName = Literal[tuple(MIXERS)]  # the choices of model.mixer: hope_dist/mixer_specs.py
 
 def _check(section: Any, name: str, ok: bool, requirement: str) -> None:
     """Unless ok: `NAME=VALUE requirement` (from_dict puts the section's prefix in front)."""
@@ -62,8 +66,8 @@ class ModelConfig:
     """HOPE blocks (sequence mixer + CMS); >= 1"""
     n_heads: int = 4
     """heads of the sequence mixer (head_dim = d_model / n_heads)"""
-    mixer: Literal["selfmod", "titans", "attention"] = "selfmod"
-    """sequence mixer: self-modifying memories, one Titans memory, or causal softmax attention"""
+    mixer: MixerName = "selfmod"
+    """sequence mixer, a name in hope_dist/mixer_specs.py: selfmod (HOPE), titans, or attention (Transformer++)"""
     memory_depth: int = 2
     """layers of each memory: 1 (linear W z) or 2 (residual MLP z + W1 silu(W2 z))"""
     memory_hidden: int | None = None
@@ -90,6 +94,8 @@ class ModelConfig:
     """epsilon of the RMS norms"""
     rope_theta: float = 10000.0
     """RoPE base of the attention mixer"""
+    attn_impl: Literal["auto", "flash", "flex", "sdpa"] = "auto"
+    """attention kernel: auto (flash-attn on CUDA when installed, else FlexAttention on CUDA, SDPA on CPU)"""
     tie_embeddings: bool = False
     """the output head shares the token embedding's weights"""
     init_std: float = 0.02
@@ -98,6 +104,12 @@ class ModelConfig:
     """depth 2: std of the memories' initial W1, > 0; null: init_std (M starts ~identity)"""
     alpha_init: float = 0.99
     """initial retention per token, in (0, 1) (memory horizon ~ 1 / (1 - alpha) tokens)"""
+    retain_init: bool = False
+    """retention decays the fast weights' deviation from their learned initial weights M_0, not the weights"""
+    bound_step: bool = False
+    """each inner gradient divided by the inner loss's curvature along it when above 1 (docs/model.md 2.10)"""
+    memory_inputs: Literal["shared", "per_memory", "per_memory_conv"] = "shared"
+    """selfmod: k, v, eta, alpha memories read one input (paper), one projection+conv each, or a conv each"""
     cms: list[CMSLevel] = field(default_factory=lambda: [CMSLevel(64, p) for p in (1, 4, 16, 64)])
     """the CMS levels, at least one: an MLP each, updated every `period` steps"""
     cms_in_context: bool = False
@@ -126,8 +138,13 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
     @property
+    def mixer_spec(self) -> MixerSpec:
+        """What the mixer is and can do (hope_dist/mixer_specs.py)."""
+        return MIXERS[self.mixer]
+
+    @property
     def use_momentum(self) -> bool:
-        return self.mixer == "titans" if self.momentum is None else self.momentum
+        return self.mixer_spec.default_momentum if self.momentum is None else self.momentum
 
     @property
     def cms_chunks(self) -> list[int]:
@@ -206,11 +223,16 @@ class TrainingConfig:
     """what a non-finite loss does: stop the run, or skip the step"""
     reset_state_at_eod: bool = True
     """the memories start afresh at every document of a packed row"""
+    device_memory_gb: float | None = None
+    """memory per device the job must fit in, checked before the first step (docs/memory.md); null: the
+    CUDA device's total, no check on CPU; 0: no check"""
 
     def __post_init__(self) -> None:
         check_choices(self)
         _positive(self, "steps", "seq_len", "global_batch", "micro_batch")
         _check(self, "seed", 0 <= self.seed < 2**63, "must be >= 0 and < 2**63 (numpy and torch seeds)")
+        _check(self, "device_memory_gb", self.device_memory_gb is None or self.device_memory_gb >= 0,
+               "must be >= 0 (0: no memory check; null: the CUDA device's total)")
 
 
 @dataclass
@@ -267,6 +289,8 @@ class ParallelConfig:
     """pipeline schedule; interleaved_1f1b puts 2 stages on each rank"""
     activation_checkpoint: bool = False
     """recompute each layer's activations in the backward pass"""
+    memory_op_recompute: bool = False
+    """the chunked PyTorch memory op saves only each chunk step's inputs and recomputes it in backward"""
     timeout_s: float = 600.0
     """collective timeout in seconds: a hung rank fails the job after this long"""
     engine: Literal["native", "deepspeed"] = "native"
@@ -395,9 +419,7 @@ def _validate_engine(cfg: JobConfig) -> None:
                           f"file, or leave it unset for the generated one")
     if importlib.util.find_spec("deepspeed") is None:
         raise ConfigError("parallel.engine=deepspeed needs DeepSpeed 0.19: pip install -e .[deepspeed]")
-    if p.ds_config is not None:  # its keys, before any process starts
-        from hope_dist.parallel.deepspeed_engine import deepspeed_config
-        deepspeed_config(cfg)
+    read_user_config(p.ds_config, p.zero_stage)  # its keys, before any process starts
 
 
 def _validate_layout(cfg: JobConfig) -> None:

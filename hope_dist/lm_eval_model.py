@@ -3,9 +3,12 @@
     python -m hope_dist.lm_eval_cli --model hope --model_args pretrained=DIR[,max_length=N,dtype=float32] --tasks ...
 
 Importing this module registers the model (lm-eval 0.4.13 has no plugin discovery, hence the
-lm_eval_cli wrapper). Every request is its own stream: HopeLM.reset() clears the fast-weight
-state (memories, conv caches, KV cache) before it, so results do not depend on request order.
-Requests run one at a time (batch_size is accepted and ignored).
+lm_eval_cli wrapper). Every request is its own stream: a scoring forward carries no state in, and
+generation resets HopeLM's fast-weight state (memories, conv caches, KV cache) first, so results do
+not depend on request order.
+Scoring requests (loglikelihood, rolling windows) run `batch_size` at a time: rows of one forward,
+sorted by length and padded on the right, which leaves every row's earlier positions unchanged (the
+model is causal and each row starts from a fresh state). generate_until runs one request at a time.
 
 max_length bounds the tokens the model reads per request (context + continuation - 1, or prompt
 + max_gen_toks - 1); longer loglikelihood / generate_until requests are refused with an error
@@ -26,23 +29,37 @@ from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from hope_dist.dtypes import DTYPES
+from hope_dist.mixer_specs import MIXERS
 from hope_dist.pretrained import from_pretrained
 from hope_dist.pretrained_io import CONFIG, EOT, PretrainedError
 
 log = logging.getLogger(__name__)
 MEMORY_MIXER_MAX_LENGTH = 8192
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 class RequestTooLong(ValueError):
     """An lm-eval request the model may not read; the message names it, the limit and the fix."""
 
 
+def parse_batch_size(batch_size, max_batch_size) -> int:
+    """lm-eval's batch_size (None, a number, or "auto[:N]") as a row count; auto takes max_batch_size
+    (default 1): no search for the largest batch that fits."""
+    if batch_size is None:
+        return 1
+    if str(batch_size).startswith("auto"):
+        log.warning("hope: batch_size=%s does not search; using max_batch_size=%s", batch_size, max_batch_size or 1)
+        return int(max_batch_size or 1)
+    if not str(batch_size).isdigit() or int(batch_size) < 1:
+        raise ValueError(f"model_args batch_size={batch_size!r}: give a positive number of requests per forward")
+    return int(batch_size)
+
+
 def default_max_length(folder: Path, mixer: str) -> int:
     """The training seq_len (recorded by export-hf) for attention; a compute bound otherwise."""
     import json
 
-    if mixer != "attention":
+    if MIXERS[mixer].recurrent:
         return MEMORY_MIXER_MAX_LENGTH
     seq_len = json.loads((folder / CONFIG).read_text())["hope_dist"].get("source", {}).get("seq_len")
     if seq_len is None:
@@ -82,6 +99,7 @@ class HopeEvalLM(TemplateLM):
         self._device = torch.device(device)
         self.max_length = (int(max_length) if max_length is not None
                            else default_max_length(folder, self.lm.config.mixer))
+        self.batch_size = parse_batch_size(batch_size, max_batch_size)
 
     # ------------------------------------------------------------------ TemplateLM hooks
     @property
@@ -104,25 +122,40 @@ class HopeEvalLM(TemplateLM):
                 f"lm-eval request {req.task_name}/doc {req.doc_id} (request #{req.idx}): the model would read {n} "
                 f"tokens ({what}) > max_length={self.max_length}. Raise it: --model_args "
                 f"pretrained={self.folder},max_length={n}" + (" (the model was trained at this length; beyond it "
-                "attention positions are untrained)" if self.lm.config.mixer == "attention" else "")
+                "attention positions are untrained)" if not MIXERS[self.lm.config.mixer].recurrent else "")
                 + ", or shorten the request (fewer few-shot examples, smaller max_gen_toks)")
 
-    def _score(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
-        """log p(continuation | context) from a fresh state, and whether greedy decoding gives it."""
-        if not continuation:
-            return 0.0, True
-        self.lm.reset()  # and one forward with no carried state (same numbers as lm.logits, fewer calls)
+    def _score_batch(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """log p(continuation | context) of each pair, and whether greedy decoding gives it: one forward
+        with no carried state (every row fresh), rows padded on the right with end-of-text."""
+        rows = [ctx + cont[:-1] for ctx, cont in pairs]
+        ids = torch.full((len(rows), max(map(len, rows))), self._eot, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)] = torch.tensor(row)
         with torch.no_grad():
-            ids = torch.tensor([context + continuation[:-1]], device=self._device)
-            logits = self.lm.model(ids)[0, len(context) - 1:]
+            logits = self.lm.model(ids.to(self._device))
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        target = torch.tensor(continuation, device=logits.device)
-        logprob = F.log_softmax(logits, -1).gather(1, target[:, None]).sum()
-        return float(logprob), bool((logits.argmax(-1) == target).all())
+        out = []
+        for i, (ctx, cont) in enumerate(pairs):
+            pred = logits[i, len(ctx) - 1:len(ctx) - 1 + len(cont)]
+            target = torch.tensor(cont, device=pred.device)
+            logprob = F.log_softmax(pred, -1).gather(1, target[:, None]).sum()
+            out.append((float(logprob), bool((pred.argmax(-1) == target).all())))
+        return out
+
+    def _score_all(self, pairs: list[tuple[list[int], list[int]]], desc: str,
+                   disable_tqdm: bool) -> list[tuple[float, bool]]:
+        """_score_batch over `pairs` in batches of batch_size, longest first (least padding); input order out."""
+        out: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)  # an empty continuation: nothing to score
+        order = sorted((i for i, (_, cont) in enumerate(pairs) if cont), key=lambda i: -sum(map(len, pairs[i])))
+        batches = [order[k:k + self.batch_size] for k in range(0, len(order), self.batch_size)]
+        for batch in tqdm(batches, disable=disable_tqdm, desc=desc):
+            for i, result in zip(batch, self._score_batch([pairs[i] for i in batch])):
+                out[i] = result
+        return out
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, instances=None):
-        progress = tqdm(requests, disable=disable_tqdm, desc="hope loglikelihood")
-        return [self._score(ctx, cont) for _, ctx, cont in progress]
+        return self._score_all([(ctx, cont) for _, ctx, cont in requests], "hope loglikelihood", disable_tqdm)
 
     # ------------------------------------------------------------------ the three request types
     def loglikelihood(self, requests, disable_tqdm: bool = False):
@@ -131,10 +164,9 @@ class HopeEvalLM(TemplateLM):
             _, ctx, cont = self._encode(req)
             self._check(len(ctx) + len(cont) - 1, f"context {len(ctx)} + continuation {len(cont)} - 1", req)
             encoded.append((req, ctx, cont))
-        out = []
-        for req, ctx, cont in tqdm(encoded, disable=disable_tqdm, desc="hope loglikelihood"):
-            out.append(self._score(ctx, cont))
-            self.cache_hook.add_partial("loglikelihood", req.args, out[-1])
+        out = self._score_all([(ctx, cont) for _, ctx, cont in encoded], "hope loglikelihood", disable_tqdm)
+        for (req, _, _), result in zip(encoded, out):
+            self.cache_hook.add_partial("loglikelihood", req.args, result)
         return out
 
     def _encode(self, req) -> tuple[tuple[str, str], list[int], list[int]]:
@@ -149,11 +181,17 @@ class HopeEvalLM(TemplateLM):
         return (context, continuation), ctx, cont
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        out = []
-        for req in tqdm(requests, disable=disable_tqdm, desc="hope loglikelihood_rolling"):
-            windows = get_rolling_token_windows(self.tok_encode(req.args[0]), self.prefix_token_id, self.max_length, 1)
-            out.append(sum(self._score(*make_disjoint_window(w))[0] for w in windows))
-            self.cache_hook.add_partial("loglikelihood_rolling", req.args, out[-1])
+        """Every request's rolling windows, all scored in batches, summed per request."""
+        owner, windows = [], []
+        for n, req in enumerate(requests):
+            for w in get_rolling_token_windows(self.tok_encode(req.args[0]), self.prefix_token_id, self.max_length, 1):
+                owner.append(n)
+                windows.append(make_disjoint_window(w))
+        out = [0.0] * len(requests)
+        for n, (logprob, _) in zip(owner, self._score_all(windows, "hope loglikelihood_rolling", disable_tqdm)):
+            out[n] += logprob
+        for req, total in zip(requests, out):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:

@@ -21,6 +21,7 @@ from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, recor
 from hope_dist.config import parse_args  # noqa: E402
 from hope_dist.console import setup_console_logging  # noqa: E402
 from hope_dist.errors import UserError, debugging, describe, report  # noqa: E402
+from hope_dist.faults import FaultHooks  # noqa: E402
 
 
 class MessageErrorFile(ErrorHandler):
@@ -41,7 +42,7 @@ def _train(argv: list[str]) -> int:
     cfg = parse_args(argv)
     from hope_dist.trainer import Trainer
 
-    Trainer(cfg).train()
+    Trainer(cfg, faults=FaultHooks.from_env()).train()  # fault tests set them in the environment
     return 0
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from hope_dist.config import ConfigError, ModelConfig, from_dict
+from hope_dist.dtypes import dtype_name
 from hope_dist.errors import UserError
 from hope_dist.model import HopeModel, materialize
 
@@ -41,7 +42,6 @@ REMOTE_CODE = {
                         "from hope_dist.hf_modeling import HopeConfig, HopeForCausalLM  # noqa: F401\n",
 }
 AUTO_MAP = {"AutoConfig": "configuration_hope.HopeConfig", "AutoModelForCausalLM": "modeling_hope.HopeForCausalLM"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class PretrainedError(UserError, ValueError):
@@ -59,7 +59,7 @@ def save_pretrained(folder: Path, weights: dict[str, torch.Tensor], model_cfg: M
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    name = {v: k for k, v in DTYPES.items()}[dtype]
+    name = dtype_name(dtype)
     tensors = {k: v.detach().to(dtype).contiguous() for k, v in weights.items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0

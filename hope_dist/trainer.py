@@ -34,16 +34,17 @@ from hope_dist.data import build_train_stream
 from hope_dist.data.validation import build_validation_set
 from hope_dist.deadline import group_construction
 from hope_dist.errors import DataError
+from hope_dist.faults import FaultHooks
+from hope_dist.footprint import check_memory
 from hope_dist.metrics import MetricsLogger
 from hope_dist.model import build_model, count_parameters, document_segments
 from hope_dist.model.memory_health import STATS as HEALTH_STATS
-from hope_dist.model.memory_mixer import MemoryMixer
-from hope_dist.optim import build_m3
-from hope_dist.parallel.grad_sync import clip_grad_norm_
+from hope_dist.parallel.engine import ENGINES, Engine
 from hope_dist.parallel.mesh import build_mesh, check_world_size
 from hope_dist.parallel.parallelize import parallelize
 from hope_dist.parallel.process_group import init_default_group
 from hope_dist.parallel.tensor_parallel import loss_context
+from kernels.hope_memory import chunk_torch
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
@@ -63,39 +64,14 @@ def git_commit() -> str:
         return "unknown"
 
 
-def build_optimizer(groups, cfg: OptimConfig, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
-    """optim.name=m3: hope_dist.optim.M3, which needs `model` to find its hidden matrices.
-    adamw: one AdamW; a param group per (clock group, decay). Matrices decay, vectors don't.
-    State is created eagerly (step 0, zero moments): identical to AdamW's lazy init, but a
-    checkpoint then always holds every level, even one that has not ticked yet."""
-    if cfg.name == "m3":
-        return build_m3(groups, cfg, model)
-    param_groups = []
-    for g in groups:
-        for decay in (True, False):
-            params = [p for _, p in g.params if (p.ndim >= 2) == decay]
-            if params:
-                param_groups.append({"params": params, "clock": g.name, "lr_scale": g.lr_scale,
-                                     "weight_decay": cfg.weight_decay if decay else 0.0})
-    opt = torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    for group in opt.param_groups:
-        for p in group["params"]:
-            opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                            "exp_avg_sq": torch.zeros_like(p)}
-    return opt
-
-
 class Trainer:
-    def __new__(cls, cfg: JobConfig):
-        """parallel.engine=deepspeed selects the DeepSpeed trainer (parallel/deepspeed_engine.py), here only."""
-        if cls is Trainer and cfg.parallel.engine == "deepspeed":
-            from hope_dist.parallel.deepspeed_engine import DeepSpeedTrainer
-            cls = DeepSpeedTrainer
-        return super().__new__(cls)
+    """The loop over one engine (parallel/engine.py: native FSDP2 or DeepSpeed ZeRO). `faults`: what a
+    fault test injects (hope_dist/faults.py); nothing by default."""
 
-    def __init__(self, cfg: JobConfig):
+    def __init__(self, cfg: JobConfig, faults: FaultHooks | None = None):
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
+        self.faults = faults or FaultHooks()
         self._init_distributed()
         t = cfg.training
         self.device = torch.device(f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu")
@@ -103,6 +79,9 @@ class Trainer:
             torch.cuda.set_device(self.device)
         mp = t.mixed_precision
         self.amp_dtype = torch.bfloat16 if mp == "bf16" or (mp == "auto" and self.device.type == "cuda") else None
+        chunk_torch.RECOMPUTE = cfg.parallel.memory_op_recompute  # the memory op's per-chunk recompute
+        if self.rank == 0:  # the same estimate on every rank; rank 0's refusal ends the job (docs/memory.md)
+            check_memory(cfg, self.device, self.amp_dtype)
         torch.manual_seed(t.seed)
 
         self.data = build_train_stream(cfg.data.paths, cfg.data.weights, seq_len=t.seq_len,
@@ -124,30 +103,27 @@ class Trainer:
         self.model = build_model(cfg.model, self.device)  # whole and initialised on every rank
         self.parallel = parallelize(self.model, cfg, self.dims, self.device, self.amp_dtype)  # prunes, shards
         self.mixers = {name: block.mixer for name, block in self.model.layers.items()
-                       if isinstance(block.mixer, MemoryMixer)}  # this rank's layers
+                       if cfg.model.mixer_spec.memory_health}  # this rank's layers, where they have probes
         self.groups = build_clock_groups(self.model)
         self.clock = CMSClock(self.groups)
         self.sync = self.parallel.sync
-        self.forward_module = self.model  # what a forward calls: the DeepSpeed engine under engine=deepspeed
-        self.optimizer = self._build_optimizer()
+        self.engine: Engine = ENGINES[cfg.parallel.engine](cfg, self.model, self.groups, self.dp_size)
+        self.optimizer = self.engine.optimizer  # the training state's "optim" entry
         self.sync.attach(self.clock)
-        self.ckpt = Checkpointer(cfg.checkpoint, self.run_dir, cfg.parallel.timeout_s)
-        self.checkpoint = CheckpointManager(self)
+        self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, cfg.parallel.timeout_s,
+                                         before_commit=self.faults.before_commit)  # the step-N folders
+        self.training_state = CheckpointManager(self)  # which part of the run each checkpoint entry holds
         self.step = 0
         self.tokens_seen = 0
         self._stop_signal: str | None = None
-        # Fault-test hook: the last data-parallel replica's loss turns NaN at this step (docs/launch.md).
-        self._inject_nonfinite_step = int(os.environ.get("HOPE_INJECT_NONFINITE_STEP", "-1"))
 
     # ------------------------------------------------------------------ setup
-    def _build_optimizer(self) -> torch.optim.Optimizer:
-        return build_optimizer(self.groups, self.cfg.optim, self.model)
-
     def _init_distributed(self) -> None:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         check_world_size(self.cfg.parallel, world)
+        ENGINES[self.cfg.parallel.engine].prepare_world(world)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if world > 1 and backend == "nccl":
             torch.cuda.set_device(self.local_rank)
@@ -181,11 +157,11 @@ class Trainer:
                 "torch": torch.__version__, "config": self.cfg.to_dict()}
 
     def save(self, skippable: bool = False) -> Path:
-        return self.checkpoint.save(self._meta(), skippable)
+        return self.engine.save(self.training_state, self._meta(), skippable)
 
     def maybe_resume(self) -> None:
-        """Resume from `checkpoint.resume`, if any (CheckpointManager.resume)."""
-        self.checkpoint.resume()
+        """Resume from `checkpoint.resume`, if any (the engine's resume: CheckpointManager.resume for native)."""
+        self.engine.resume(self.training_state)
 
     # ------------------------------------------------------------------ loop
     def _request_stop(self, signum, _frame) -> None:
@@ -200,14 +176,11 @@ class Trainer:
                             enabled=self.amp_dtype is not None):
             if self.parallel.pipeline is not None:  # every stage's forward (and backward)
                 return self.parallel.pipeline.step(tokens, labels, segments, backward)
-            logits = self.forward_module(tokens, segments(tokens))
+            logits = self.engine.module(tokens, segments(tokens))
         loss = self.parallel.loss(logits, labels)  # token sum; vocab-parallel under tp
         if backward:
-            self._backward(loss)
+            self.engine.backward(loss)
         return loss.detach()
-
-    def _backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
 
     def _global_sums(self, loss_sum: torch.Tensor, tokens: int) -> torch.Tensor:
         """(loss sum, token count) over data-parallel ranks and pipeline stages, float64."""
@@ -249,8 +222,7 @@ class Trainer:
         with loss_context(self.parallel.tp_mesh):
             for tok, lab in zip(tokens.split(cfg.training.micro_batch), labels.split(cfg.training.micro_batch)):
                 loss_sum += self._forward_loss(tok, lab)
-        if self.step == self._inject_nonfinite_step and self.dp_rank == self.dp_size - 1:
-            loss_sum = loss_sum + float("nan")  # on all tp/pp ranks of it, as a real NaN would be
+        loss_sum = self.faults.loss(loss_sum, self.step, last_replica=self.dp_rank == self.dp_size - 1)
         stats = self._global_sums(loss_sum, labels.numel())
         step_tokens = int(stats[1].item())
         loss = (stats[0] / stats[1]).item()
@@ -277,24 +249,25 @@ class Trainer:
 
     def _discard(self) -> None:
         """Drop this step's gradients (a skipped step); the clock's windows stay."""
-        self.optimizer.zero_grad(set_to_none=True)
+        self.engine.discard()
         self.sync.discard()  # gradients a sharded data-parallel layer still holds
 
     def _update(self, step: int, step_tokens: int, lr: float) -> tuple[list, dict[str, int], float]:
         """Steps 2-4 of the module docstring; returns (ticking groups, bytes reduced by group, grad norm)."""
         ticking, sent = self.sync.reduce(self.clock, step, step_tokens)
         params = []
-        for g in ticking:
+        for g in self.engine.window_groups(ticking):
             for _, p in g.params:
                 if p.grad is not None:
                     p.grad.div_(g.window_tokens)
                     params.append(p)
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = clip_grad_norm_(params, clip, self.cfg.parallel.pp)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = self.engine.clip(params, step_tokens, clip)
+        for opt in self.engine.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+        sent = self.engine.bytes_reduced(sent, ticking)  # before the step, which starts the next count
+        self.engine.step()
         return ticking, sent, grad_norm
 
     def _memory_health(self) -> dict:
@@ -360,16 +333,17 @@ class Trainer:
                 if interval > 0 and self.step % interval == 0 and self.step < cfg.training.steps:
                     self.save(skippable=True)  # a full disk stops the run unless checkpoint.on_save_error=continue
                 if self._agree_to_stop():  # saved already when the stop falls on an interval step
-                    self.ckpt.wait()  # ... if that save committed (a skipped one leaves last_step unset)
-                    path = self.ckpt.path(self.step) if self.ckpt.last_step == self.step else self.save()
-                    self.ckpt.wait()
+                    self.checkpointer.wait()  # ... if that save committed (a skipped one leaves last_step unset)
+                    saved = self.checkpointer.last_step == self.step
+                    path = self.checkpointer.path(self.step) if saved else self.save()
+                    self.checkpointer.wait()
                     if self.rank == 0:
                         (self.run_dir / "PREEMPTED").write_text(f"{self._stop_signal or 'peer'} {self.step}\n")
                     logger.print(f"stop requested: saved {path} at step {self.step}; exiting for requeue")
                     return last
-            if self.ckpt.last_step != self.step and self.step not in committed_steps(self.ckpt.dir):
+            if self.checkpointer.last_step != self.step and self.step not in committed_steps(self.checkpointer.dir):
                 self.save()
-            self.ckpt.wait()
+            self.checkpointer.wait()
             if self.rank == 0:
                 (self.run_dir / "PREEMPTED").unlink(missing_ok=True)
                 (self.run_dir / "COMPLETE").write_text(f"{self.step}\n")

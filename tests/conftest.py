@@ -47,3 +47,19 @@ def bpe_tokenizer(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     tok.save(str(path))
     return path
+
+
+# pytest-xdist (`-n 2`, pyproject addopts) runs tests on two workers. Tests that share one machine-wide
+# resource stay on one worker, in file order: the SLURM cluster (apt-get, munge and the daemons) and
+# DeepSpeed's one-time JIT build of its comm op.
+SERIAL_MODULES = {"test_slurm_launch": "slurm", "test_launch_errors": "slurm", "test_faults": "slurm",
+                  "test_deepspeed": "deepspeed", "test_deepspeed_checkpoint": "deepspeed"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        group = SERIAL_MODULES.get(item.module.__name__.rsplit(".", 1)[-1])
+        if group is None and "cluster" in item.fixturenames:  # any other test on the SLURM cluster
+            group = "slurm"
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))

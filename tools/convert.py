@@ -1,8 +1,8 @@
 """Checkpoint conversion, one process, no GPU needed.
 
-    python -m tools.convert consolidate CKPT OUT.safetensors [--dtype fp32|bf16]
+    python -m tools.convert consolidate CKPT OUT.safetensors [--dtype float32|bfloat16]
     python -m tools.convert reshard     CKPT OUT_STEP_DIR [--dp-replicate N] [--dp-shard N] [--tp N] [--pp N]
-    python -m tools.convert export-hf   CKPT OUT_DIR [--dtype fp32|bf16] [--tokenizer tokenizer.json]
+    python -m tools.convert export-hf   CKPT OUT_DIR [--dtype float32|bfloat16] [--tokenizer tokenizer.json]
                                         [--max-shard-size 5GB]
     python -m tools.convert import-hf   HF_DIR OUT_STEP_DIR [--base CKPT]
 
@@ -34,11 +34,13 @@ from hope_dist.checkpoint import (CheckpointError, model_config_diff, read_flat,
 from hope_dist.checkpoint_manager import RNGState
 from hope_dist.clock import CMSClock
 from hope_dist.config import JobConfig, ModelConfig, from_dict
+from hope_dist.parallel.deepspeed_checkpoint import read_model as read_deepspeed_model
+from hope_dist.dtypes import DTYPES
 from hope_dist.errors import UserError, report
 from hope_dist.pretrained_io import (CONFIG, INDEX, WEIGHTS, PretrainedError, build_from_weights, check_tokenizer,
                                      read_config, read_weights, save_pretrained)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+EXPORT_DTYPES = ("float32", "bfloat16")  # of hope_dist.dtypes.DTYPES
 
 
 def checked(path: str) -> tuple[Path, dict]:
@@ -53,7 +55,6 @@ def checked(path: str) -> tuple[Path, dict]:
 def model_weights(path: Path, meta: dict) -> dict[str, torch.Tensor]:
     """The model's full tensors of a checkpoint of either engine (parallel.engine)."""
     if meta.get("engine") == "deepspeed":
-        from hope_dist.parallel.deepspeed_engine import read_model as read_deepspeed_model
         return read_deepspeed_model(path)
     return read_model(path)
 
@@ -92,7 +93,7 @@ def parse_size(text: str) -> int:
 
 
 # ------------------------------------------------------------------ commands
-def consolidate(ckpt: str, out: str, dtype: str = "fp32") -> Path:
+def consolidate(ckpt: str, out: str, dtype: str = "float32") -> Path:
     """Model weights of a sharded checkpoint -> one safetensors file."""
     from safetensors.torch import save_file
 
@@ -130,7 +131,7 @@ def reshard(ckpt: str, out: str, dp_replicate: int | None = None, dp_shard: int 
     return write_offline(Path(out), flat, meta)
 
 
-def export_hf(ckpt: str, out: str, dtype: str = "fp32", tokenizer: str | None = None,
+def export_hf(ckpt: str, out: str, dtype: str = "float32", tokenizer: str | None = None,
               max_shard_bytes: int | None = None) -> Path:
     """A checkpoint's model as an exported folder (config.json, safetensors, tokenizer files)."""
     path, meta = checked(ckpt)
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("consolidate", help="sharded checkpoint -> one safetensors file (model only)")
     c.add_argument("ckpt")
     c.add_argument("out")
-    c.add_argument("--dtype", choices=DTYPES, default="fp32")
+    c.add_argument("--dtype", choices=EXPORT_DTYPES, default="float32")
     r = sub.add_parser("reshard", help="training checkpoint -> another (dp, tp, pp) layout")
     r.add_argument("ckpt")
     r.add_argument("out")
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("export-hf", help="checkpoint -> Hugging Face-style folder")
     e.add_argument("ckpt")
     e.add_argument("out")
-    e.add_argument("--dtype", choices=DTYPES, default="fp32")
+    e.add_argument("--dtype", choices=EXPORT_DTYPES, default="float32")
     e.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the run's data.tokenizer)")
     e.add_argument("--max-shard-size", type=parse_size, default=None, help="e.g. 5GB; default: one file")
     i = sub.add_parser("import-hf", help="Hugging Face-style folder -> training checkpoint")

@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from data_prep.megatron_format import FormatError, read_index
+from hope_dist.data.megatron_format import FormatError, read_index
 
 
 def normalize_prefix(path: str | os.PathLike) -> str:

@@ -18,15 +18,18 @@ import torch
 
 from hope_dist.checkpoint import CheckpointError, committed_steps, read_meta, read_model, verify
 from hope_dist.config import ConfigError, ModelConfig, from_dict
+from hope_dist.dtypes import DTYPES
+from hope_dist.errors import UserError
 from hope_dist.model import HopeModel
 from hope_dist.pretrained_io import build_from_weights, read_config, read_weights
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 _STEP = re.compile(r"^step-\d+$")
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
     """An input an evaluation cannot use; the message names it and says what to do."""
+
+    label = "eval error"
 
 
 @dataclass
@@ -69,7 +72,7 @@ def _checkpoint_problems(path: Path) -> list[str]:
     return problems
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str = "fp32",
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str = "float32",
                seq_len: int | None = None, tokenizer: str | None = None) -> Loaded:
     """A committed step-N checkpoint folder or an export-hf folder -> Loaded (model in eval mode)."""
     path = Path(path)
@@ -149,8 +152,8 @@ def tokenizer_vocab(path: str) -> tuple[int, int | None]:
 
 
 def load_encoder(loaded: Loaded):
-    """data_prep's encoder for the model's tokenizer (the exact tokenization of training data)."""
-    from data_prep.engines import TokenizerError, load_encoder as load
+    """The training data's encoder for the model's tokenizer (hope_dist.data.encoders, as data_prep.tokenize)."""
+    from hope_dist.data.encoders import TokenizerError, load_encoder as load
 
     if loaded.tokenizer is None:
         raise EvalError("this eval needs the model's tokenizer and none is known (the export has no "
@@ -195,7 +198,7 @@ def open_documents(path: str, loaded: Loaded, text_key: str = "text",
     if heldout is not None and not 0 < heldout < 1:
         raise EvalError(f"--heldout {heldout}: must be in (0, 1), the run's data.valid_fraction")
     if kind == "megatron":
-        from data_prep.megatron_format import FormatError
+        from hope_dist.data.megatron_format import FormatError
         from hope_dist.data.token_file import TokenFile
         from hope_dist.data.validation import split_documents
 
@@ -224,7 +227,7 @@ def _checked(docs, path: str, vocab: int) -> Iterator[np.ndarray]:
 
 
 def _tokenized(path: str, encoder, text_key: str) -> Iterator[tuple[np.ndarray, str]]:
-    from data_prep.readers import DocumentReader, InputError, plan_shards
+    from hope_dist.data.readers import DocumentReader, InputError, plan_shards
 
     eod = [encoder.eod_id] if encoder.eod_id is not None else []
     try:

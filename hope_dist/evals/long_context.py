@@ -34,7 +34,7 @@ def check_segment(model: torch.nn.Module, segment: int, length: int | None = Non
     if segment < 1:
         raise EvalError(f"--segment {segment}: must be positive")
     span = cfg.state_span
-    if cfg.mixer != "attention" and segment % span:
+    if cfg.mixer_spec.recurrent and segment % span:
         lo = segment // span * span
         chunks = [c for c in cfg.cms_chunks if c]
         what = f"model.proj_chunk_size={cfg.proj_chunk_size}" + (f" and the in-context CMS chunks {chunks} (lcm {span})"
@@ -79,7 +79,7 @@ def long_context(model: torch.nn.Module, docs: Iterable[np.ndarray], length: int
     documents longer than `length` tokens, carry vs reset."""
     check_segment(model, segment, length)
     edges = bucket_edges(length, segment, buckets)
-    modes = ("reset",) if model.cfg.mixer == "attention" else ("carry", "reset")
+    modes = ("carry", "reset") if model.cfg.mixer_spec.recurrent else ("reset",)
     device = model_device(model)
     sums = {m: np.zeros(length) for m in modes}
     n_docs, elapsed, seen = 0, 0.0, 0
@@ -126,6 +126,6 @@ def long_context(model: torch.nn.Module, docs: Iterable[np.ndarray], length: int
               "definition": f"first {length} targets of documents longer than that, read in segments of {segment} "
                             "tokens; carry: fast-weight state handed from segment to segment; reset: fresh state "
                             "per segment; loss in nats/token averaged per position bucket"}
-    if model.cfg.mixer == "attention":
+    if not model.cfg.mixer_spec.recurrent:
         result["note"] = ATTENTION_NOTE
     return result

@@ -12,15 +12,10 @@ Choices the spec leaves open (tested in tests/unit/test_model.py):
   sigmoid read-outs of x (eta scaled by eta_max).
 - Initial memories: W2 ~ N(0, 1/d_h) and W1 ~ N(0, init_std) (depth 2: M starts near the
   identity; `model.memory_w1_std` overrides W1's std); depth 1 starts at I + N(0, init_std). alpha
-  starts near `model.alpha_init` (0.99: a horizon of ~100 tokens), eta near ETA_INIT = 0.1, and with
-  momentum gamma near GAMMA_INIT = 0.9. The op's momentum is an
-  EMA of the inner gradients (S_t = gamma S_{t-1} + (1 - gamma) G_t, docs/memory_op.md "Momentum"),
-  so its step is eta whatever gamma is: the heavy-ball form's eta / (1 - gamma) made the
-  chunk-start gradient, repeated on repetitive text, overshoot and diverge (issue 18).
-- Depth 2: W1 follows the delta rule along its unit input, W1 (alpha I - eta hn hn^T) - eta S1 with
-  hn = l2norm(h) (`model.w1_delta`, default on; docs/memory_op.md "W1's delta rule"): with the spec's
-  gated update alpha W1 - eta S1 the stale chunk-start gradient of W1 accumulates with every repeat
-  of a key and HOPE's M_alpha/M_eta memories reached norms of 1e12 in training.
+  starts near `model.alpha_init`, eta near ETA_INIT = 0.1, gamma (momentum) near GAMMA_INIT = 0.9.
+- The update rule (momentum as an EMA, W1's delta rule) and why: docs/model.md section 2.4 and
+  docs/memory_op.md. The selfmod inputs (`model.memory_inputs`) and retention toward M_0
+  (`model.retain_init`): docs/model.md section 2.10.
 - The op runs with autocast off in at least float32 (the fast-weight state is float32 by contract).
 """
 from __future__ import annotations
@@ -35,12 +30,16 @@ from hope_dist.config import ModelConfig
 from hope_dist.model.conv import CausalConv
 from hope_dist.model.memory_health import longest_document, memory_health
 from hope_dist.model.norms import RMSNorm
+from hope_dist.model.plan_types import ParamPlan, linear_plan, projections_plan
 from hope_dist.model.segments import Segments
 from kernels.hope_memory import hope_memory, l2norm
 from kernels.hope_memory.types import MemoryParams
 
 
 ETA_INIT, GAMMA_INIT = 0.1, 0.9
+PER_MEMORY_INPUTS = ("a_k", "a_v", "a_eta", "a_alpha")  # memory_inputs: per_memory, in the op's memory order
+# head axis of the mixer's own parameters (mem_w*: (n_mem, H, ., .); the rest: (H, ...))
+HEAD_AXIS = {"mem_w1": 1, "mem_w2": 1, "eta_w": 0, "eta_b": 0, "alpha_w": 0, "alpha_b": 0, "gamma": 0}
 
 
 def _logit(p: float) -> float:
@@ -48,19 +47,22 @@ def _logit(p: float) -> float:
 
 
 class MemoryMixer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """selfmod=True: the five self-modifying memories (HOPE); False: one Titans memory (hope_dist/mixer_specs.py)."""
+
+    def __init__(self, cfg: ModelConfig, selfmod: bool):
         super().__init__()
         d, H = cfg.d_model, cfg.n_heads
         dh = cfg.head_dim
         dm = cfg.memory_hidden or dh
         self.cfg = cfg
         self.head_dim = dh
-        self.selfmod = cfg.mixer == "selfmod"
+        self.selfmod = selfmod
         self.init_std = cfg.init_std
         self.out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        inputs = ("a", "q") if self.selfmod else ("q", "k", "v")
-        self.proj = nn.ModuleDict({name: nn.Linear(d, d, bias=False) for name in (*inputs, "g")})
-        self.conv = nn.ModuleDict({name: CausalConv(d, cfg.conv_width) for name in inputs})
+        self.sources = self._sources(cfg.memory_inputs if selfmod else None)
+        self.proj = nn.ModuleDict({name: nn.Linear(d, d, bias=False) for name in (*dict.fromkeys(self.sources.values()),
+                                                                                   "g")})
+        self.conv = nn.ModuleDict({name: CausalConv(d, cfg.conv_width) for name in self.sources})
         if not self.selfmod:
             # eta and alpha logits per head, one Linear each so a column split keeps heads whole
             self.rates = nn.ModuleDict({name: nn.Linear(d, H, bias=True) for name in ("eta", "alpha")})
@@ -81,6 +83,17 @@ class MemoryMixer(nn.Module):
         self.out = nn.Linear(d, d, bias=False)
         self.probe_health = False  # set by the trainer: the next forward records `health`
         self.health: dict[str, float] | None = None
+
+    @staticmethod
+    def _sources(memory_inputs: str | None) -> dict[str, str]:
+        """Each convolved feature -> the projection of x it convolves (docs/model.md 2.1 and 2.10)."""
+        if memory_inputs is None:  # titans
+            return {"q": "q", "k": "k", "v": "v"}
+        if memory_inputs == "shared":
+            return {"a": "a", "q": "q"}
+        if memory_inputs == "per_memory":
+            return {**{n: n for n in PER_MEMORY_INPUTS}, "q": "q"}
+        return {**{n: "a" for n in PER_MEMORY_INPUTS}, "q": "q"}  # per_memory_conv: one projection, four convs
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -109,6 +122,20 @@ class MemoryMixer(nn.Module):
         if self.gamma is not None:
             nn.init.constant_(self.gamma, _logit(GAMMA_INIT))
 
+    def parallel_plan(self) -> dict[str, ParamPlan]:
+        """Keys relative to the mixer (hope_dist/model/parallel_plan.py): heads are split over tp ranks."""
+        plan = projections_plan(self)
+        if not self.selfmod:  # titans' rate read-outs: one output per head, split like the projections
+            for name, lin in self.rates.items():
+                plan.update(linear_plan(lin, f"rates.{name}", "colwise", "mixer"))
+        for name in self.conv:  # channels are heads x d_h, head-major
+            plan[f"conv.{name}.weight"] = ParamPlan("heads", "mixer", head_axis=0)
+        for name, axis in HEAD_AXIS.items():
+            if getattr(self, name, None) is not None:
+                plan[name] = ParamPlan("heads", "mixer", head_axis=axis)
+        plan["out_norm.weight"] = ParamPlan("local", "mixer")  # one RMSNorm shared by all heads
+        return plan
+
     def _params(self) -> MemoryParams:
         if self.selfmod:
             return MemoryParams(self.mem_w1, self.mem_w2, self.eta_w, self.eta_b,
@@ -118,15 +145,15 @@ class MemoryMixer(nn.Module):
     def _op_flags(self) -> dict:
         c = self.cfg
         return dict(chunk_size=c.chunk_size, proj_chunk_size=c.proj_chunk_size, eta_max=c.eta_max,
-                    selfgen=c.selfgen_values,
-                    stopgrad_vhat=c.stopgrad_vhat, w1_delta=c.w1_delta)
+                    selfgen=c.selfgen_values, stopgrad_vhat=c.stopgrad_vhat, w1_delta=c.w1_delta,
+                    retain_init=c.retain_init, bound_step=c.bound_step)
 
     def _kernel(self, device: torch.device) -> str:
-        """auto: Triton on CUDA, the chunked PyTorch path on CPU, with momentum and with W1's delta
-        rule at depth 2 (both of which the Triton kernels leave to the PyTorch paths)."""
+        """auto: Triton on CUDA (momentum and W1's delta rule included), the chunked PyTorch path on
+        CPU and for the options the kernels lack (retain_init, per-memory inputs)."""
         if self.cfg.kernel != "auto":
             return self.cfg.kernel
-        triton_ok = self.gamma is None and (self.mem_w1 is None or not self.cfg.w1_delta)
+        triton_ok = not (self.cfg.retain_init or self.cfg.bound_step) and self.cfg.memory_inputs == "shared"
         return "triton" if device.type == "cuda" and triton_ok else "torch"
 
     def forward(self, x: torch.Tensor, segs: Segments | None = None, state: dict | None = None,
@@ -139,13 +166,15 @@ class MemoryMixer(nn.Module):
         new_conv = {}
         feats = {}
         seg = segs.seg if segs is not None else None
+        projected = {name: lin(x) for name, lin in self.proj.items() if name != "g"}
         for name, conv in self.conv.items():
-            y, new_conv[name] = conv(self.proj[name](x), seg, conv_cache.get(name))
+            y, new_conv[name] = conv(projected[self.sources[name]], seg, conv_cache.get(name))
             feats[name] = F.silu(y).view(B, T, -1, dh)
         q = l2norm(feats["q"])
         kwargs = {}
         if self.selfmod:
-            kwargs["a"] = feats["a"]
+            per_memory = self.cfg.memory_inputs != "shared"
+            kwargs["a"] = torch.stack([feats[n] for n in PER_MEMORY_INPUTS], 2) if per_memory else feats["a"]
         else:
             dt = torch.promote_types(x.dtype, torch.float32)
             eta_logit, alpha_logit = (self.rates[name](x).to(dt) for name in ("eta", "alpha"))

@@ -12,9 +12,7 @@ import torch
 from torch import nn
 
 from hope_dist.config import ModelConfig
-from hope_dist.model.attention import AttentionMixer
 from hope_dist.model.cms import CMS
-from hope_dist.model.memory_mixer import MemoryMixer
 from hope_dist.model.norms import RMSNorm
 from hope_dist.model.parallel_plan import check_plan, model_plan
 from hope_dist.model.segments import Segments
@@ -26,7 +24,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = AttentionMixer(cfg) if cfg.mixer == "attention" else MemoryMixer(cfg)
+        self.mixer = cfg.mixer_spec.build(cfg)  # hope_dist/mixer_specs.py
         self.cms = CMS(cfg)
 
     @torch.no_grad()

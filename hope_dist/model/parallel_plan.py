@@ -8,66 +8,26 @@ parallel/fsdp.py, count_parameters), as torchtitan keeps one parallelize plan pe
 `check_plan` runs when a HopeModel is built: a parameter added to a module without an entry here
 fails at once, on every layout, naming the parameter and this file.
 
-Tensor-parallel kinds (docs/model.md section 5):
-- colwise / rowwise: an nn.Linear split on its outputs (whole heads or hidden units per rank) /
-  on its inputs (its output summed over tp);
-- vocab_embedding / vocab_head: the embedding and LM head split over the vocabulary;
-- heads: a parameter with a head axis, sharded there; the mixer computes with the local shard;
-- local: replicated but used on this rank's heads only, so its gradient is summed over tp;
-- replicated: every rank computes the same with it.
+The vocabulary (ParamPlan, the tensor-parallel kinds) is in plan_types.py; each mixer states the plan
+of its own parameters (`parallel_plan()`), so a new mixer brings its plan in its own file.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
-
 from torch import nn
 
-from hope_dist.model.attention import AttentionMixer
-from hope_dist.model.memory_mixer import MemoryMixer
-
-TP_KINDS = ("colwise", "rowwise", "vocab_embedding", "vocab_head", "heads", "local", "replicated")
-
-# head axis of the memory mixer's own parameters (mem_w*: (n_mem, H, ., .); the rest: (H, ...))
-MEMORY_MIXER_HEAD_AXIS = {"mem_w1": 1, "mem_w2": 1, "eta_w": 0, "eta_b": 0, "alpha_w": 0, "alpha_b": 0, "gamma": 0}
+from hope_dist.model.plan_types import TP_KINDS, ParamPlan, linear_plan  # noqa: F401 (the plan's vocabulary)
 
 
 class PlanError(ValueError):
     """A parameter the plan does not cover (or covers twice): a model change the plan must follow."""
 
 
-@dataclass(frozen=True)
-class ParamPlan:
-    tp: str  # one of TP_KINDS
-    part: str  # count_parameters' part: embedding | mixer | cms | norms_and_head
-    clock: str = "base"  # the clock group: base, or cms.<level index>
-    head_axis: int | None = None  # tp == "heads": the axis split over tp ranks
-
-
-def _linear(module: nn.Module, path: str, tp: str, part: str, clock: str = "base") -> dict[str, ParamPlan]:
-    return {f"{path}.{n}": ParamPlan(tp, part, clock) for n, _ in module.named_parameters(recurse=False)}
-
-
 def _mixer_plan(mixer: nn.Module) -> dict[str, ParamPlan]:
-    """Keys relative to the mixer."""
-    plan: dict[str, ParamPlan] = {}
-    for name, lin in mixer.proj.items():
-        plan.update(_linear(lin, f"proj.{name}", "colwise", "mixer"))
-    plan.update(_linear(mixer.out, "out", "rowwise", "mixer"))
-    if isinstance(mixer, AttentionMixer):
-        return plan
-    if not isinstance(mixer, MemoryMixer):
-        raise PlanError(f"{type(mixer).__name__} has no parallel plan: add one to hope_dist/model/parallel_plan.py")
-    if not mixer.selfmod:  # titans' rate read-outs: one output per head, split like the projections
-        for name, lin in mixer.rates.items():
-            plan.update(_linear(lin, f"rates.{name}", "colwise", "mixer"))
-    for name in mixer.conv:  # channels are heads x d_h, head-major
-        plan[f"conv.{name}.weight"] = ParamPlan("heads", "mixer", head_axis=0)
-    for name, axis in MEMORY_MIXER_HEAD_AXIS.items():
-        if getattr(mixer, name, None) is not None:
-            plan[name] = ParamPlan("heads", "mixer", head_axis=axis)
-    plan["out_norm.weight"] = ParamPlan("local", "mixer")  # one RMSNorm shared by all heads
-    return plan
+    if not hasattr(mixer, "parallel_plan"):
+        raise PlanError(f"{type(mixer).__name__} has no parallel plan: give it a parallel_plan() method "
+                        "(hope_dist/model/plan_types.py has the vocabulary)")
+    return mixer.parallel_plan()
 
 
 def block_plan(block: nn.Module) -> dict[str, ParamPlan]:
@@ -77,9 +37,9 @@ def block_plan(block: nn.Module) -> dict[str, ParamPlan]:
     for i, level in enumerate(block.cms.levels):
         clock, path = f"cms.{i}", f"cms.levels.{i}"
         plan[f"{path}.norm.weight"] = ParamPlan("replicated", "cms", clock)
-        plan.update(_linear(level.mlp.gate, f"{path}.mlp.gate", "colwise", "cms", clock))
-        plan.update(_linear(level.mlp.up, f"{path}.mlp.up", "colwise", "cms", clock))
-        plan.update(_linear(level.mlp.down, f"{path}.mlp.down", "rowwise", "cms", clock))
+        plan.update(linear_plan(level.mlp.gate, f"{path}.mlp.gate", "colwise", "cms", clock))
+        plan.update(linear_plan(level.mlp.up, f"{path}.mlp.up", "colwise", "cms", clock))
+        plan.update(linear_plan(level.mlp.down, f"{path}.mlp.down", "rowwise", "cms", clock))
     return plan
 
 
@@ -106,7 +66,7 @@ def check_plan(model: nn.Module) -> dict[str, ParamPlan]:
     if missing:
         raise PlanError(f"parameters {missing} have no entry in HopeModel's parallel plan "
                         "(hope_dist/model/parallel_plan.py): say how tensor parallelism splits each "
-                        "(colwise/rowwise Linear, a head axis in MEMORY_MIXER_HEAD_AXIS, local or replicated), "
+                        "(colwise/rowwise Linear, a head axis in the mixer's parallel_plan(), local or replicated), "
                         "so every layout shards, clocks and counts it")
     if stale:
         raise PlanError(f"HopeModel's parallel plan (hope_dist/model/parallel_plan.py) names parameters the "

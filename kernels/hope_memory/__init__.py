@@ -15,9 +15,8 @@ Conventions this op fixes where the spec leaves them open (all paths follow them
 - proj_chunk_size must be a multiple of chunk for titans too (where it has no other effect). Packed
   documents (cu_seqlens) must be non-empty, on every path.
 - Inputs are validated once, here, for every path (errors name the argument and the fix); the
-  paths themselves trust their arguments. impl="triton" adds its own limits to the same check: no
-  momentum, d_h and d_m powers of two >= 16, float32/bfloat16/float16 inputs, and at depth 2 the
-  gated W1 update (w1_delta=False).
+  paths themselves trust their arguments. impl="triton" adds its own limits to the same check:
+  d_h and d_m powers of two >= 16 and float32/bfloat16/float16 inputs.
 - The chunked path clamps alpha to the dtype's smallest normal number before taking its log, so
   alpha must be > 0 for it to match the reference exactly (sigmoid outputs are). The values of
   eta and alpha are not range-checked (that would need a device sync).
@@ -42,6 +41,7 @@ __all__ = ["MEMORY_NAMES", "MemoryParams", "MemoryState", "hope_memory", "l2norm
 
 IMPLS = ("naive", "torch", "triton")
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TORCH_ONLY = ("retain_init", "bound_step")  # options only the PyTorch paths implement so far
 
 
 def hope_memory(
@@ -64,12 +64,15 @@ def hope_memory(
     selfgen: bool = True,
     stopgrad_vhat: bool = True,
     w1_delta: bool = True,
+    retain_init: bool = False,
+    bound_step: bool = False,
     impl: str = "torch",
 ) -> tuple[torch.Tensor, MemoryState | None]:
     """o_t = M_{o,t}(q_t), per head, inclusive of token t's own write.
 
     q: (B, T, H, d_h), conv+SiLU'd and L2-normalised by the model. Variant from params:
-    n_mem = 5 (selfmod: give `a`, (B, T, H, d_h)) or 1 (titans: give k, v (B, T, H, d_h),
+    n_mem = 5 (selfmod: give `a`, (B, T, H, d_h), or (B, T, 4, H, d_h): one input per projection
+    memory k, v, eta, alpha) or 1 (titans: give k, v (B, T, H, d_h),
     L2-normalised, and eta in [0, eta_max], alpha in [0, 1], (B, T, H)). Depth 1 iff params.w1 is
     None; momentum iff params.gamma is not None. initial_state: None starts from the params'
     weights with zero momenta. cu_seqlens: (N+1,) int offsets of packed documents (B = 1); every
@@ -80,22 +83,26 @@ def hope_memory(
     proj_chunk_size (a multiple of chunk_size): the projection memories'.
     selfgen: vhat_* = M_{*,c}(v_t) (selfmod only); stopgrad_vhat detaches those targets.
     w1_delta (depth 2): W1 follows the delta rule along its unit input l2norm(h) (the default, stable;
-    docs/memory_op.md), else the spec's gated update alpha W1 - eta S1 (the only one Triton has).
+    docs/memory_op.md), else the spec's gated update alpha W1 - eta S1.
+    retain_init: retention alpha decays the deviation from the memories' initial weights M_0 (the
+    params' w1, w2), W_t = (rule's W_t) + (1 - alpha_t) M_0, instead of the weights themselves.
+    bound_step: each token's inner gradient is divided by the inner loss's curvature along it when that
+    exceeds 1 (common.bound_inner_step), so no write overshoots (issue 25's Titans runaway).
     impl: "naive" (per-token reference), "torch" (chunked PyTorch) or "triton" (kernels.hope_memory.chunk).
     Returns (o (B, T, H, d_h), final MemoryState if output_final_state else None).
     """
     flags = dict(output_final_state=output_final_state, selfgen=selfgen, stopgrad_vhat=stopgrad_vhat,
-                 w1_delta=w1_delta)
+                 w1_delta=w1_delta, retain_init=retain_init, bound_step=bound_step)
     max_seqlen = _check_inputs(q, params, a, k, v, eta, alpha, initial_state, cu_seqlens, cu_seqlens_cpu,
                                max_seqlen, chunk_size, proj_chunk_size, eta_max, impl, flags)
     kwargs = dict(a=a, k=k, v=v, eta=eta, alpha=alpha, initial_state=initial_state,
                   output_final_state=output_final_state, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                   chunk_size=chunk_size, proj_chunk_size=proj_chunk_size, eta_max=eta_max, selfgen=selfgen,
-                  stopgrad_vhat=stopgrad_vhat, w1_delta=w1_delta)
+                  stopgrad_vhat=stopgrad_vhat, w1_delta=w1_delta, retain_init=retain_init, bound_step=bound_step)
     if impl == "triton":
         from .chunk import chunk_hope_memory
 
-        return chunk_hope_memory(q, params, **{n: x for n, x in kwargs.items() if n != "w1_delta"})
+        return chunk_hope_memory(q, params, **{n: x for n, x in kwargs.items() if n not in TORCH_ONLY})
     if impl == "naive":
         kwargs["cu_seqlens"] = _host_offsets(cu_seqlens, cu_seqlens_cpu)
         return _run_torch(naive_hope_memory, q, params, {n: x for n, x in kwargs.items() if n != "max_seqlen"})
@@ -171,7 +178,8 @@ def _check_inputs(q, params, a, k, v, eta, alpha, initial_state, cu_seqlens, cu_
         _check_shape("params.w2", params.w2, (n_mem, heads, d_m, d_h), q)
         _check_shape("params.w1", params.w1, (n_mem, heads, d_h, d_m), q)
     if n_mem == 5:
-        _check_shape("a (selfmod, n_mem = 5)", a, (batch, seq, heads, d_h), q)
+        a_shape = (batch, seq, heads, d_h) if a is None or a.dim() != 5 else (batch, seq, 4, heads, d_h)
+        _check_shape("a (selfmod, n_mem = 5)", a, a_shape, q)
         for name, x in (("k", k), ("v", v), ("eta", eta), ("alpha", alpha)):
             _check_absent(name, x, "for selfmod (n_mem = 5): the projection memories produce it from a")
         for name in ("eta_w", "alpha_w"):
@@ -231,17 +239,16 @@ def _check_inputs(q, params, a, k, v, eta, alpha, initial_state, cu_seqlens, cu_
     if initial_state is not None:
         _check_state(initial_state, params, n_seq, q)
     if impl == "triton":
-        _check_triton(q, params, flags["w1_delta"])
+        _check_triton(q, params)
+        if any(flags[n] for n in TORCH_ONLY) or (a is not None and a.dim() == 5):
+            raise ValueError(f"{', '.join(TORCH_ONLY)} and per-memory inputs a (B, T, 4, H, d_h) have no Triton "
+                             'kernel yet: use impl="torch"')
     return max_seqlen
 
 
-def _check_triton(q: torch.Tensor, params: MemoryParams, w1_delta: bool) -> None:
+def _check_triton(q: torch.Tensor, params: MemoryParams) -> None:
     """The Triton kernels' own limits, on inputs that passed _check_inputs (so params and any
     initial_state already agree with q and with each other)."""
-    if params.gamma is not None:
-        raise NotImplementedError(
-            "params.gamma is set (Titans momentum), which the Triton kernels do not implement: "
-            'call hope_memory(..., impl="torch") for momentum')
     if q.dtype not in TRITON_DTYPES:
         raise ValueError(f"q is {q.dtype}; the Triton kernels take float32, bfloat16 or float16: "
                          'cast the inputs or use impl="torch"')
@@ -251,10 +258,6 @@ def _check_triton(q: torch.Tensor, params: MemoryParams, w1_delta: bool) -> None
         if d < 16 or d & (d - 1):
             raise ValueError(f"{name} = {d}: the Triton kernels need a power of two >= 16; "
                              'use impl="torch" for other sizes')
-    if params.w1 is not None and w1_delta:
-        raise NotImplementedError(
-            "W1's delta rule (w1_delta=True, the default) is not implemented in the Triton kernels yet: "
-            'call hope_memory(..., impl="torch"), or w1_delta=False for the gated update')
 
 
 def _check_state(state, params: MemoryParams, n_seq: int, q: torch.Tensor) -> None:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .common import (L2NORM_EPS, heads_first, initial_memory_state, apply_memory, projections,
+from .common import (L2NORM_EPS, apply_memory, bound_inner_step, heads_first, initial_memory_state, projections,
                      tokens_first)
 from .types import MemoryParams, MemoryState
 
@@ -115,9 +115,10 @@ class _Solve(NamedTuple):
     m_y: torch.Tensor  # (..., C, C)
     m_u: torch.Tensor
     m_s: torch.Tensor | None
+    m_0: torch.Tensor | None  # N diag(1 - a_prev): retention toward M_0 (its term in W_{t-1} kk_t)
 
 
-def _solve(k, dec: _Decay) -> _Solve:
+def _solve(k, dec: _Decay, retain_init: bool = False) -> _Solve:
     """One unit-triangular inverse per chunk and head, instead of one solve per memory."""
     kk_kk = k @ k.mT
     eye = torch.eye(k.shape[-2], dtype=k.dtype, device=k.device)
@@ -125,22 +126,28 @@ def _solve(k, dec: _Decay) -> _Solve:
                                         unitriangular=True)
     n = inv * -dec.eta[..., None, :]
     return _Solve(n * dec.a_prev[..., None, :], n @ (dec.d_prev * kk_kk),
-                  None if dec.c_prev is None else n * dec.c_prev[..., None, :])
+                  None if dec.c_prev is None else n * dec.c_prev[..., None, :],
+                  n * (1 - dec.a_prev[..., None, :]) if retain_init else None)
 
 
-def _update_weight(w, s, kk, vv, dec: _Decay, sol: _Solve | None, w_kk=None):
+def _update_weight(w, s, kk, vv, dec: _Decay, sol: _Solve | None, w_kk=None, w0=None):
     """One weight over one chunk. w, s: (..., dout, din) chunk-start weight and momentum (s None
     without momentum); kk (..., C, din), vv (..., C, dout): G_j = vv_j kk_j^T; sol: the chunk's
     shared solve for the weight acting on k (delta rule), None for W1; w_kk = kk W^T when the
-    caller has it. Returns (w_end, s_end, x), x the delta rule's solution (None without)."""
+    caller has it; w0: M_0 with retention toward it (common.retain_toward), else None.
+    Returns (w_end, s_end, x), x the delta rule's solution (None without)."""
     terms = -dec.d[..., -1, :, None] * vv  # coefficient rows of kk_j in W_C
     x = None
     if sol is not None:
         x = sol.m_y @ (kk @ w.mT if w_kk is None else w_kk) - sol.m_u @ vv
         if s is not None:
             x = x - sol.m_s @ (kk @ s.mT)
+        if w0 is not None:
+            x = x + sol.m_0 @ (kk @ w0.mT)
         terms = terms + dec.p[..., -1, :, None] * x
     w_end = dec.a[..., -1, None, None] * w + terms.mT @ kk
+    if w0 is not None:
+        w_end = w_end + (1 - dec.a[..., -1, None, None]) * w0
     s_end = None
     if s is not None:
         w_end = w_end - dec.c[..., -1, None, None] * s
@@ -148,11 +155,13 @@ def _update_weight(w, s, kk, vv, dec: _Decay, sol: _Solve | None, w_kk=None):
     return w_end, s_end, x
 
 
-def _reads(w, s, kk, vv, x, dec: _Decay, qq):
+def _reads(w, s, kk, vv, x, dec: _Decay, qq, w0=None):
     """Per-token reads W_t qq_t over one chunk (rows qq (..., C, din)) of a weight updated by
-    _update_weight -> x (None for a weight without the delta rule)."""
+    _update_weight -> x (None for a weight without the delta rule); w0 as there."""
     qq_kk = qq @ kk.mT
     reads = dec.a[..., None] * (qq @ w.mT) - (dec.d * qq_kk) @ vv
+    if w0 is not None:
+        reads = reads + (1 - dec.a[..., None]) * (qq @ w0.mT)
     if x is not None:
         reads = reads + (dec.p * qq_kk) @ x
     if s is not None:
@@ -160,34 +169,39 @@ def _reads(w, s, kk, vv, x, dec: _Decay, qq):
     return reads
 
 
-def _update_memories(state: MemoryState, k, vhat, dec: _Decay, grad_scale, w1_delta: bool, q=None):
+def _update_memories(state: MemoryState, k, vhat, dec: _Decay, grad_scale, w1_delta: bool, q=None,
+                     init: MemoryState | None = None, bound_step: bool = False):
     """Memories `state` (B, n, H, ., .) over one chunk with keys k and targets vhat, all n in one
     batched product per step; reads M_t(q_t) of the last memory (M_o) when q is given.
     grad_scale (broadcastable to (B, 1, H, C, 1)) or None multiplies the inner gradients: 0 on
-    padding tokens, 1 - gamma with momentum (the momentum is an EMA of G)."""
+    padding tokens, 1 - gamma with momentum (the momentum is an EMA of G).
+    init: the same memories' M_0 (1, n, H, ., .) with retention toward it, else None.
+    bound_step: the inner gradients bounded by their curvature (common.bound_inner_step)."""
     w1, w2, s1, s2 = state
+    w1_0, w2_0 = (None, None) if init is None else (init.w1, init.w2)
+    last = lambda t: None if t is None else t[:, -1:]
     u, e, h, y = _inner_grad_factors(w1, w2, k, vhat)
+    if bound_step:
+        u, e = bound_inner_step(w1, y, u, e, h)
     if grad_scale is not None:
         u = u * grad_scale
         e = None if e is None else e * grad_scale
-    w2_end, s2_end, x2 = _update_weight(w2, s2, k, u, dec, _solve(k, dec), y)
+    w2_end, s2_end, x2 = _update_weight(w2, s2, k, u, dec, _solve(k, dec, init is not None), y, w2_0)
     r2 = None
     if q is not None:
-        last = lambda t: None if t is None else t[:, -1:]
-        r2 = _reads(last(w2), last(s2), k, last(u), last(x2), dec, q)
+        r2 = _reads(last(w2), last(s2), k, last(u), last(x2), dec, q, last(w2_0))
     if w1 is None:
         return MemoryState(None, w2_end, None, s2_end), r2
     x1 = None
     if w1_delta:  # G1 = e h^T = (e |h|) hn^T, and the delta rule acts along hn = l2norm(h)
         h_norm = torch.sqrt(h.square().sum(-1, keepdim=True) + L2NORM_EPS)
         h, e = h / h_norm, e * h_norm
-        w1_end, s1_end, x1 = _update_weight(w1, s1, h, e, dec, _solve(h, dec))
+        w1_end, s1_end, x1 = _update_weight(w1, s1, h, e, dec, _solve(h, dec, init is not None), None, w1_0)
     else:
-        w1_end, s1_end, _ = _update_weight(w1, s1, h, e, dec, None)
+        w1_end, s1_end, _ = _update_weight(w1, s1, h, e, dec, None, None, w1_0)
     if q is None:
         return MemoryState(w1_end, w2_end, s1_end, s2_end), None
-    r1 = _reads(w1[:, -1:], None if s1 is None else s1[:, -1:], h[:, -1:], e[:, -1:],
-                None if x1 is None else x1[:, -1:], dec, F.silu(r2))
+    r1 = _reads(last(w1), last(s1), last(h), last(e), last(x1), dec, F.silu(r2), last(w1_0))
     return MemoryState(w1_end, w2_end, s1_end, s2_end), q + r1
 
 
@@ -224,7 +238,8 @@ def _pieces(x, size):
 
 
 def _chunked_sequences(q, a, k, v, eta, alpha, state: MemoryState, params: MemoryParams, valid,
-                       chunk_size, proj_chunk_size, eta_max, selfgen, stopgrad_vhat, w1_delta):
+                       chunk_size, proj_chunk_size, eta_max, selfgen, stopgrad_vhat, w1_delta, retain_init,
+                       bound_step):
     """Sequences in the internal layout (common.py), each starting at a chunk boundary; valid
     (B, 1, 1, T) marks real tokens (None: all). Returns (o, final state).
 
@@ -233,6 +248,9 @@ def _chunked_sequences(q, a, k, v, eta, alpha, state: MemoryState, params: Memor
     matrix (the n_mem axis) and reads M_o from the same step."""
     selfmod = a is not None
     n_proj = state.w2.shape[1] - 1
+    init = None
+    if retain_init:
+        init = MemoryState(None if params.w1 is None else params.w1[None], params.w2[None])
     log_gamma = one_minus_gamma = None
     if params.gamma is not None:
         log_gamma = F.logsigmoid(params.gamma)[:, None]
@@ -253,12 +271,14 @@ def _chunked_sequences(q, a, k, v, eta, alpha, state: MemoryState, params: Memor
     if not selfmod:
         state = _run_o_chunks(state, _pieces(k, chunk_size), _pieces(v, chunk_size), _pieces(eta, chunk_size),
                               _pieces(alpha, chunk_size), _pieces(valid, chunk_size), q_c, False, stopgrad_vhat,
-                              one_minus_gamma, chunk_log_gamma, w1_delta, outs, recompute=True)
+                              one_minus_gamma, chunk_log_gamma, w1_delta, outs, init, bound_step, recompute=True)
         return torch.cat(outs, -2), state
 
     def proj_step(state, a_p, p_valid, qs):
         """One proj-chunk: projections, the projection memories' update and M_o's chunks in it."""
         proj = _select(state, slice(0, n_proj))
+        init_p, init_o = (None, None) if init is None else (_select(init, slice(0, n_proj)),
+                                                            _select(init, slice(n_proj, None)))
         k_p, v_p, eta_p, alpha_p = projections(proj.w1, proj.w2, a_p, params, eta_max)
         if p_valid is not None:
             eta_p, alpha_p = torch.where(p_valid, eta_p, 0.0), torch.where(p_valid, alpha_p, 1.0)
@@ -266,14 +286,16 @@ def _chunked_sequences(q, a, k, v, eta, alpha, state: MemoryState, params: Memor
         dec = _decay(eta_p, alpha_p, chunk_log_gamma(p_valid, a_p.shape[-2]))
         if fused:
             state, o = _update_memories(state, k_p, _targets(state, v_p, selfgen, stopgrad_vhat), dec, scale,
-                                        w1_delta, qs[0])
+                                        w1_delta, qs[0], init, bound_step)
             return state, [o]
-        proj, _ = _update_memories(proj, k_p, _targets(proj, v_p, selfgen, stopgrad_vhat), dec, scale, w1_delta)
+        proj, _ = _update_memories(proj, k_p, _targets(proj, v_p, selfgen, stopgrad_vhat), dec, scale, w1_delta,
+                                   init=init_p, bound_step=bound_step)
         reads = []
         mem_o = _run_o_chunks(_select(state, slice(n_proj, None)), _pieces(k_p, chunk_size), _pieces(v_p, chunk_size),
                               _pieces(eta_p, chunk_size), _pieces(alpha_p, chunk_size), _pieces(p_valid,
                                                                                                 chunk_size), qs,
-                              selfgen, stopgrad_vhat, one_minus_gamma, chunk_log_gamma, w1_delta, reads)
+                              selfgen, stopgrad_vhat, one_minus_gamma, chunk_log_gamma, w1_delta, reads, init_o,
+                              bound_step)
         return _join(proj, mem_o), reads
 
     per = proj_chunk_size // chunk_size
@@ -286,13 +308,15 @@ def _chunked_sequences(q, a, k, v, eta, alpha, state: MemoryState, params: Memor
 
 
 def _run_o_chunks(mem_o, ks, vs, etas, alphas, valids, qs, selfgen, stopgrad_vhat, one_minus_gamma,
-                  chunk_log_gamma, w1_delta, outs, recompute=False):
+                  chunk_log_gamma, w1_delta, outs, init=None, bound_step=False, recompute=False):
     """M_o over consecutive chunks (pieces of k, v, eta, alpha, valid, q); appends the reads to
-    outs. recompute: each chunk step through _step (titans, whose chunk steps are the outer loop)."""
+    outs. init: M_o's M_0 with retention toward it. recompute: each chunk step through _step
+    (titans, whose chunk steps are the outer loop)."""
     def o_step(mem_o, k_j, v_j, eta_j, alpha_j, c_valid, q_j):
         vhat = _targets(mem_o, v_j, selfgen, stopgrad_vhat)
         dec = _decay(eta_j, alpha_j, chunk_log_gamma(c_valid, q_j.shape[-2]))
-        return _update_memories(mem_o, k_j, vhat, dec, _grad_scale(c_valid, one_minus_gamma), w1_delta, q_j)
+        return _update_memories(mem_o, k_j, vhat, dec, _grad_scale(c_valid, one_minus_gamma), w1_delta, q_j, init,
+                                bound_step)
 
     for j, q_j in enumerate(qs):
         args = (mem_o, ks[j], vs[j], etas[j], alphas[j], None if valids is None else valids[j], q_j)
@@ -326,7 +350,8 @@ def chunk_torch_hope_memory(q, params: MemoryParams, *, a=None, k=None, v=None, 
                             initial_state: MemoryState | None = None, output_final_state: bool = False,
                             cu_seqlens=None, max_seqlen: int | None = None, chunk_size: int = 64,
                             proj_chunk_size: int = 64, eta_max: float = 1.0, selfgen: bool = True,
-                            stopgrad_vhat: bool = True, w1_delta: bool = True):
+                            stopgrad_vhat: bool = True, w1_delta: bool = True, retain_init: bool = False,
+                            bound_step: bool = False):
     """Chunked path of `kernels.hope_memory.hope_memory` (same arguments, already validated;
     max_seqlen, an int bound on the documents' lengths, is required with cu_seqlens). No host
     sync: documents are gathered into a (N, max_seqlen) padded batch and back by index."""
@@ -345,7 +370,7 @@ def chunk_torch_hope_memory(q, params: MemoryParams, *, a=None, k=None, v=None, 
     o, state = _chunked_sequences(
         heads_first(q), heads_first(a), heads_first(k), heads_first(v), heads_first(eta),
         heads_first(alpha), state, params, None if valid is None else valid[:, None, None],
-        chunk_size, proj_chunk_size, eta_max, selfgen, stopgrad_vhat, w1_delta)
+        chunk_size, proj_chunk_size, eta_max, selfgen, stopgrad_vhat, w1_delta, retain_init, bound_step)
     o = tokens_first(o)
     if valid is not None:
         o = o[back].unsqueeze(0)

@@ -17,8 +17,11 @@ L2NORM_EPS = 1e-6
 
 
 def heads_first(x: torch.Tensor | None) -> torch.Tensor | None:
-    """(B, T, H, ...) -> (B, 1, H, T, ...), the internal layout."""
-    return None if x is None else x.transpose(1, 2).unsqueeze(1)
+    """(B, T, H, ...) -> (B, 1, H, T, ...), the internal layout; a per-memory input
+    (B, T, n, H, d) -> (B, n, H, T, d)."""
+    if x is None:
+        return None
+    return x.movedim(1, 3) if x.dim() == 5 else x.transpose(1, 2).unsqueeze(1)
 
 
 def tokens_first(x: torch.Tensor) -> torch.Tensor:
@@ -39,13 +42,40 @@ def apply_memory(w1: torch.Tensor | None, w2: torch.Tensor, z: torch.Tensor) -> 
 
 def projections(w1, w2, a, params: MemoryParams, eta_max: float):
     """k, v, eta, alpha of the self-modifying mixer from the projection memories (k, v, eta, alpha)
-    at their chunk-start state w1/w2 (B, 4, H, ., .); a (B, 1, H, T, d_h).
+    at their chunk-start state w1/w2 (B, 4, H, ., .); a (B, 1, H, T, d_h), one input for all four,
+    or (B, 4, H, T, d_h), one per memory.
     Returns k, v (B, 1, H, T, d_h) and eta, alpha (B, 1, H, T)."""
     m = apply_memory(w1, w2, a)
     k, v = l2norm(m[:, 0:1]), l2norm(m[:, 1:2])
     eta = eta_max * torch.sigmoid((m[:, 2:3] * params.eta_w[:, None]).sum(-1) + params.eta_b[:, None])
     alpha = torch.sigmoid((m[:, 3:4] * params.alpha_w[:, None]).sum(-1) + params.alpha_b[:, None])
     return k, v, eta, alpha
+
+
+def bound_inner_step(w1, y, u, e, h):
+    """The inner gradients' rows scaled so that no step overshoots along its own direction (normalised
+    LMS): G1 = e h^T by 1 / max(1, |h|^2) (the inner loss is quadratic in W1 with curvature |h|^2) and
+    G2 = u k^T by 1 / max(1, |W1 (silu'(y) o u)|^2 / |u|^2) (its curvature along that step, to first
+    order; keys are unit). With eta <= 1 a token's write then cannot overshoot, whatever the weights'
+    scale. Depth 1 (w1 None): G = (W k - vhat) k^T has curvature |k|^2 = 1 already: unchanged."""
+    if w1 is None:
+        return u, e
+    d = u * silu_grad(y)
+    curv2 = (d @ w1.mT).square().sum(-1, keepdim=True) / (d.square().sum(-1, keepdim=True) + L2NORM_EPS)
+    curv1 = h.square().sum(-1, keepdim=True)
+    return u / curv2.clamp_min(1.0), e / curv1.clamp_min(1.0)
+
+
+def silu_grad(y: torch.Tensor) -> torch.Tensor:
+    """silu'(y) = s (1 + y (1 - s)), s = sigmoid(y)."""
+    s = torch.sigmoid(y)
+    return s * (1 + y * (1 - s))
+
+
+def retain_toward(w_new: torch.Tensor, w0: torch.Tensor | None, alpha: torch.Tensor) -> torch.Tensor:
+    """With retention toward the initial weights, the decay alpha acts on the deviation W - M_0:
+    W_t = (the rule's W_t) + (1 - alpha_t) M_0. w0 None: plain retention (decay toward 0)."""
+    return w_new if w0 is None else w_new + (1 - alpha) * w0
 
 
 def initial_memory_state(params: MemoryParams, batch: int) -> MemoryState:

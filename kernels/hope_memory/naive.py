@@ -12,13 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import heads_first, initial_memory_state, l2norm, apply_memory, projections, tokens_first
+from .common import (apply_memory, bound_inner_step, heads_first, initial_memory_state, l2norm, projections,
+                     retain_toward, silu_grad, tokens_first)
 from .types import MemoryParams, MemoryState
-
-
-def _silu_grad(y: torch.Tensor) -> torch.Tensor:
-    s = torch.sigmoid(y)
-    return s * (1 + y * (1 - s))
 
 
 def inner_grad_factors(w1, w2, k, vhat):
@@ -29,13 +25,14 @@ def inner_grad_factors(w1, w2, k, vhat):
         return y - vhat, None, None
     h = F.silu(y)
     e = k + h @ w1.mT - vhat
-    return (e @ w1) * _silu_grad(y), e, h
+    return (e @ w1) * silu_grad(y), e, h
 
 
 def _naive_sequences(q, a, k, v, eta, alpha, state, params, chunk_size, proj_chunk_size, eta_max, selfgen,
-                     stopgrad_vhat, w1_delta):
+                     stopgrad_vhat, w1_delta, retain_init, bound_step):
     """Sequences that all start at a chunk boundary, in the internal layout; returns (o, state)."""
     w1, w2, s1, s2 = state
+    w1_0, w2_0 = (params.w1, params.w2) if retain_init else (None, None)
     n_proj = w2.shape[1] - 1
     selfmod = a is not None
     gamma = None if params.gamma is None else torch.sigmoid(params.gamma)[:, None, None]
@@ -62,10 +59,12 @@ def _naive_sequences(q, a, k, v, eta, alpha, state, params, chunk_size, proj_chu
         else:
             vhat = v_t
         u, e, h = inner_grad_factors(c1, c2, k_t, vhat)
+        if bound_step:
+            u, e = bound_inner_step(c1, k_t @ c2.mT, u, e, h)
         eta_t, alpha_t = eta_t[..., None], alpha_t[..., None]  # (B, 1, H, 1, 1)
         g2 = u.mT @ k_t
         s2 = g2 if gamma is None else gamma * s2 + (1 - gamma) * g2
-        w2 = w2 @ (alpha_t * eye - eta_t * k_t.mT @ k_t) - eta_t * s2
+        w2 = retain_toward(w2 @ (alpha_t * eye - eta_t * k_t.mT @ k_t) - eta_t * s2, w2_0, alpha_t)
         if w1 is not None:
             g1 = e.mT @ h
             s1 = g1 if gamma is None else gamma * s1 + (1 - gamma) * g1
@@ -74,6 +73,7 @@ def _naive_sequences(q, a, k, v, eta, alpha, state, params, chunk_size, proj_chu
                 w1 = w1 @ (alpha_t * eye_m - eta_t * hn.mT @ hn) - eta_t * s1
             else:
                 w1 = alpha_t * w1 - eta_t * s1
+            w1 = retain_toward(w1, w1_0, alpha_t)
         outs.append(apply_memory(None if w1 is None else w1[:, n_proj:], w2[:, n_proj:], q[..., tok, :]))
     if gamma is None:
         s1 = s2 = None
@@ -83,7 +83,8 @@ def _naive_sequences(q, a, k, v, eta, alpha, state, params, chunk_size, proj_chu
 def naive_hope_memory(q, params: MemoryParams, *, a=None, k=None, v=None, eta=None, alpha=None,
                       initial_state: MemoryState | None = None, output_final_state: bool = False,
                       cu_seqlens=None, chunk_size: int = 64, proj_chunk_size: int = 64, eta_max: float = 1.0,
-                      selfgen: bool = True, stopgrad_vhat: bool = True, w1_delta: bool = True):
+                      selfgen: bool = True, stopgrad_vhat: bool = True, w1_delta: bool = True,
+                      retain_init: bool = False, bound_step: bool = False):
     """Reference path of `kernels.hope_memory.hope_memory` (same arguments, already validated).
     Packed documents (cu_seqlens) run one by one, each from its own initial state."""
     if cu_seqlens is None:
@@ -105,7 +106,8 @@ def naive_hope_memory(q, params: MemoryParams, *, a=None, k=None, v=None, eta=No
             heads_first(None if k is None else k[:, tok]), heads_first(None if v is None else v[:, tok]),
             heads_first(None if eta is None else eta[:, tok]),
             heads_first(None if alpha is None else alpha[:, tok]),
-            state, params, chunk_size, proj_chunk_size, eta_max, selfgen, stopgrad_vhat, w1_delta)
+            state, params, chunk_size, proj_chunk_size, eta_max, selfgen, stopgrad_vhat, w1_delta, retain_init,
+            bound_step)
         outs.append(tokens_first(o))
         states.append(state)
     o = torch.cat(outs, 1)

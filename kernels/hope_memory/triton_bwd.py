@@ -1,10 +1,13 @@
-"""Backward kernel of one chunk of every memory (the reverse of `chunk_fwd_kernel`).
+"""Backward kernel of one chunk of one memory (the reverse of `chunk_fwd_kernel`).
 
-From the chunk-start state it recomputes the chunk's targets, gradients and WY solve (nothing
-per token is saved), takes the gradient of the chunk-end state (and of M_o's read-out) and
-returns the gradient of the chunk-start state, of the gradient state (the proj-chunk start for
-the projection memories) and of the chunk's k, v, eta, alpha (one part per memory, summed by the
-caller) and q. The triangular solve's adjoint is a back substitution with (I + A)^T.
+It reads the chunk's solved rows from the tape that the chunk kernel wrote just before (the
+driver relaunches it for this chunk) and, for M_o, the read-out's gradient parts from
+`readout_bwd_kernel`; it recomputes the chunk's targets from the chunk-start state, takes the
+gradient of the chunk-end state and returns the gradients of the chunk-start state and momenta, of
+the gradient state (the proj-chunk start for the projection memories), of the chunk's k, v, eta,
+alpha (one part per memory, summed by the caller) and of the momentum logit gamma. The solves and
+the read-out live in other kernels because all of it in one needs more shared memory than an H100
+block has (docs/triton.md).
 """
 from __future__ import annotations
 
@@ -12,160 +15,38 @@ import triton
 import triton.language as tl
 
 from kernels.hope_memory.triton_common import (
-    chunk_decay,
     chunk_range,
     ddsilu,
     dsilu,
     load_matrix,
     load_scalars,
     load_tokens,
-    masked_exp,
     memory_read_bwd,
-    silu,
     store_matrix,
     store_tokens,
+    tape_slots,
 )
-from kernels.hope_memory.triton_fwd import chunk_targets, load_memory, wy_solve
+from kernels.hope_memory.triton_delta import chunk_coefficients
+from kernels.hope_memory.triton_delta_bwd import coefficients_bwd, weight_bwd
+from kernels.hope_memory.triton_fwd import chunk_targets, gradient_state, load_momentum, w1_keys
+from kernels.hope_memory.triton_readout import read_grad_slots
 
 
 @triton.jit
-def backward_substitution(a, y, BC: tl.constexpr, CHUNK: tl.constexpr):
-    """(I + a)^{-T} y for a strictly lower-triangular (BC, BC) a, last row first (rows and
-    columns from CHUNK on are padding: a has no entries there)."""
-    rows = tl.arange(0, BC)
-    x = y
-    for j in range(1, CHUNK):
-        i = CHUNK - 1 - j
-        a_i = tl.sum(tl.where(rows[None, :] == i, a, 0.0), 1)
-        x = tl.where(rows[:, None] == i, x - tl.sum(a_i[:, None] * x, 0)[None, :], x)
-    return x
+def w1_keys_bwd(kk1, r, norm, dkk1, dvv1, DELTA1: tl.constexpr):
+    """Gradients (dr, dh) of w1_keys' (kk1, vv1) = (h / |h|, r |h|) (or (h, r) for the gated update)."""
+    if DELTA1:
+        dr = dvv1 * norm[:, None]
+        dh = (dkk1 - kk1 * tl.sum(dkk1 * kk1, 1)[:, None]) / norm[:, None] + tl.sum(dvv1 * r, 1)[:, None] * kk1
+        return dr, dh
+    return dvv1, dkk1
 
 
 @triton.jit
-def chunk_bwd_kernel(
-    k_ptr, v_ptr, eta_ptr, alpha_ptr, q_ptr, do_ptr,
-    w1_ptr, w2_ptr, w1c_ptr, w2c_ptr, dw1_ptr, dw2_ptr, dw1c_ptr, dw2c_ptr,
-    dq_ptr, dk_ptr, dv_ptr, deta_ptr, dalpha_ptr, cu_ptr,
-    step, N, H, TOKENS,
-    CHUNK: tl.constexpr, BC: tl.constexpr, DH: tl.constexpr, DM: tl.constexpr,
-    DEPTH: tl.constexpr, N_MEM: tl.constexpr, SELFGEN: tl.constexpr, V_GRAD: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """dw1/dw2 (N, N_MEM, H, ...): in, the gradient of the chunk-end state; out, of the
-    chunk-start state (M_o's includes its gradient-state part). dw1c/dw2c: the projection
-    memories' gradient-state part is added there. dk, dv, deta, dalpha: (N_MEM, tokens, H, ...)
-    one part per memory; dq (tokens, H, DH) from M_o."""
-    nh = tl.program_id(0)
-    m = tl.program_id(1)
-    n = nh // H
-    h = nh % H
-    t0, ntok = chunk_range(cu_ptr, n, step * CHUNK, CHUNK)
-    base = ((n * N_MEM + m) * H + h) * (DM * DH)
-    is_o = m == N_MEM - 1
-    rows = tl.arange(0, BC)
-    valid = rows < ntok
-
-    k = load_tokens(k_ptr, t0, ntok, h, H, BC, DH)
-    v = load_tokens(v_ptr, t0, ntok, h, H, BC, DH)
-    eta = load_scalars(eta_ptr, t0, ntok, h, H, 0.0, BC)
-    alpha = load_scalars(alpha_ptr, t0, ntok, h, H, 1.0, BC)
-    w1, w2, w1c, w2c = load_memory(w1_ptr, w2_ptr, w1c_ptr, w2c_ptr, base, is_o, DH, DM, DEPTH)
-    r, zk, hk, u = chunk_targets(k, v, w1c, w2c, DEPTH, SELFGEN, PRECISION)
-    lg, lgp, lg_end = chunk_decay(alpha)
-    x, a, kk, kw, e_low = wy_solve(k, u, eta, lg, lgp, w2, BC, CHUNK, PRECISION)
-    g_end = tl.exp(lg_end)
-    to_end = tl.where(valid, tl.exp(lg_end - lg), 0.0)
-
-    # chunk-end state: W2e = g_end W2 - (X * to_end)^T K, W1e = g_end W1 - (R * eta to_end)^T H
-    dw2e = load_matrix(dw2_ptr + base, DM, DH)
-    dw2 = g_end * dw2e
-    dlg_end = g_end * tl.sum(tl.sum(dw2e * w2, 1), 0)
-    kdw = tl.dot(k, tl.trans(dw2e), input_precision=PRECISION)
-    dx = -to_end[:, None] * kdw
-    dk = -tl.dot(x * to_end[:, None], dw2e, input_precision=PRECISION)
-    dto_end = -tl.sum(kdw * x, 1)
-    dr = tl.zeros((BC, DH), dtype=tl.float32)
-    dhk = tl.zeros((BC, DM), dtype=tl.float32)
-    deta = tl.zeros((BC,), dtype=tl.float32)
-    dw1 = tl.zeros((DH, DM), dtype=tl.float32)
-    if DEPTH == 2:
-        dw1e = load_matrix(dw1_ptr + base, DH, DM)
-        dw1 = g_end * dw1e
-        dlg_end += g_end * tl.sum(tl.sum(dw1e * w1, 1), 0)
-        c1 = eta * to_end
-        rdw = tl.dot(r, dw1e, input_precision=PRECISION)
-        dr = -c1[:, None] * tl.dot(hk, tl.trans(dw1e), input_precision=PRECISION)
-        dhk = -c1[:, None] * rdw
-        dc1 = -tl.sum(rdw * hk, 1)
-        deta = dc1 * to_end
-        dto_end += dc1 * eta
-
-    dlg = tl.zeros((BC,), dtype=tl.float32)
-    if is_o:
-        # Z = G Q W2^T - (QK^T * D) X;  O = Q + G silu(Z) W1^T - (silu(Z) H^T * D * eta) R
-        q = load_tokens(q_ptr, t0, ntok, h, H, BC, DH)
-        do = load_tokens(do_ptr, t0, ntok, h, H, BC, DH)
-        decay = masked_exp(lg[:, None] - lg[None, :], rows[None, :] <= rows[:, None])
-        g = tl.exp(lg)
-        qw = tl.dot(q, tl.trans(w2), input_precision=PRECISION)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        if DEPTH == 2:
-            z = g[:, None] * qw - tl.dot(qk * decay, x, input_precision=PRECISION)
-            p = silu(z)
-            phk = tl.dot(p, tl.trans(hk), input_precision=PRECISION)
-            dq = do
-            dp = g[:, None] * tl.dot(do, w1, input_precision=PRECISION)
-            dw1 += tl.dot(tl.trans(do * g[:, None]), p, input_precision=PRECISION)
-            dg = tl.sum(do * tl.dot(p, tl.trans(w1), input_precision=PRECISION), 1)
-            dr -= tl.dot(tl.trans(phk * decay * eta[None, :]), do, input_precision=PRECISION)
-            dph = -tl.dot(do, tl.trans(r), input_precision=PRECISION)
-            e1 = dph * decay * eta[None, :]
-            dp += tl.dot(e1, hk, input_precision=PRECISION)
-            dhk += tl.dot(tl.trans(e1), p, input_precision=PRECISION)
-            ddecay = dph * phk * eta[None, :]
-            deta += tl.sum(dph * phk * decay, 0)
-            dz = dp * dsilu(z)
-        else:
-            dq = tl.zeros((BC, DH), dtype=tl.float32)
-            dz = do
-            dg = tl.zeros((BC,), dtype=tl.float32)
-            ddecay = tl.zeros((BC, BC), dtype=tl.float32)
-        gdz = dz * g[:, None]
-        dq += tl.dot(gdz, w2, input_precision=PRECISION)
-        dw2 += tl.dot(tl.trans(gdz), q, input_precision=PRECISION)
-        dg += tl.sum(dz * qw, 1)
-        dx -= tl.dot(tl.trans(qk * decay), dz, input_precision=PRECISION)
-        dm = -tl.dot(dz, tl.trans(x), input_precision=PRECISION)
-        dqk = dm * decay
-        ddecay += dm * qk
-        dq += tl.dot(dqk, k, input_precision=PRECISION)
-        dk += tl.dot(tl.trans(dqk), q, input_precision=PRECISION)
-        t_ = ddecay * decay
-        dlg += tl.sum(t_, 1) - tl.sum(t_, 0) + dg * g
-        store_tokens(dq_ptr, dq, t0, ntok, h, H, BC, DH)
-
-    # X = (I + A)^{-1} eta (U + G_prev K W2^T),  A = eta_t e_low K K^T
-    drhs = backward_substitution(a, dx, BC, CHUNK)
-    da = tl.where(rows[None, :] < rows[:, None], -tl.dot(drhs, tl.trans(x), input_precision=PRECISION), 0.0)
-    glp = tl.exp(lgp)
-    deta += tl.sum(drhs * (u + glp[:, None] * kw), 1) + tl.sum(da * e_low * kk, 1)
-    du = eta[:, None] * drhs
-    dkw = (eta * glp)[:, None] * drhs
-    dk += tl.dot(dkw, w2, input_precision=PRECISION)
-    dw2 += tl.dot(tl.trans(dkw), k, input_precision=PRECISION)
-    dkk = da * eta[:, None] * e_low
-    dk += tl.dot(dkk + tl.trans(dkk), k, input_precision=PRECISION)
-    de = da * a
-    dlgp = eta * tl.sum(drhs * kw, 1) * glp + tl.sum(de, 1)
-    dlg -= tl.sum(de, 0)
-    t_ = dto_end * to_end
-    dlg_end += tl.sum(t_, 0)
-    dlg -= t_
-    # lg = cumsum(log alpha), lgp = lg - log alpha, lg_end = sum(log alpha)
-    dla = tl.cumsum(dlg + dlgp, 0, reverse=True) - dlgp + dlg_end
-    dalpha = tl.where(alpha > 0, dla / alpha, 0.0)
-
-    # chunk-start targets and gradients: U = (R W1c) * silu'(Zk), R = M_c(K) - vhat
+def targets_bwd(k, v, w1c, w2c, r, zk, hk, du, dr, dhk, dk, DEPTH: tl.constexpr, SELFGEN: tl.constexpr,
+                V_GRAD: tl.constexpr, PRECISION: tl.constexpr):
+    """chunk_targets backward: U = (R W1c) * silu'(Zk), R = M_c(K) - vhat, H = silu(Zk). Returns
+    (dk, dv, dw1c, dw2c)."""
     if DEPTH == 2:
         rw = tl.dot(r, w1c, input_precision=PRECISION)
         durw = du * dsilu(zk)
@@ -176,33 +57,184 @@ def chunk_bwd_kernel(
         dzk = du * rw * ddsilu(zk) + dhk * dsilu(zk)
         dk += dr
     else:
-        dw1c = tl.zeros((DH, DM), dtype=tl.float32)
+        dw1c = tl.zeros_like(w1c)
         dr += du
         dzk = dr
     dk += tl.dot(dzk, w2c, input_precision=PRECISION)
     dw2c = tl.dot(tl.trans(dzk), k, input_precision=PRECISION)
     if SELFGEN:
+        dv = tl.zeros_like(v)
         if V_GRAD:
             dv, dw1v, dw2v = memory_read_bwd(v, w1c, w2c, -dr, DEPTH, PRECISION)
             dw1c += dw1v
             dw2c += dw2v
-        else:
-            dv = tl.zeros((BC, DH), dtype=tl.float32)
     else:
         dv = -dr
+    return dk, dv, dw1c, dw2c
 
-    if is_o:
+
+@triton.jit
+def add_matrix(ptr, x, R: tl.constexpr, C: tl.constexpr):
+    store_matrix(ptr, load_matrix(ptr, R, C) + x, R, C)
+
+
+@triton.jit
+def store_token_grads(dk_ptr, dv_ptr, deta_ptr, dalpha_ptr, part, dk, dv, deta, dalpha, t0, ntok, h, H,
+                      BC: tl.constexpr, DH: tl.constexpr):
+    """This memory's part (offset `part`) of the chunk's k, v, eta, alpha gradients."""
+    store_tokens(dk_ptr + part * DH, dk, t0, ntok, h, H, BC, DH)
+    store_tokens(dv_ptr + part * DH, dv, t0, ntok, h, H, BC, DH)
+    rows = tl.arange(0, BC)
+    tl.store(deta_ptr + part + (t0 + rows) * H + h, deta, mask=rows < ntok)
+    tl.store(dalpha_ptr + part + (t0 + rows) * H + h, dalpha, mask=rows < ntok)
+
+
+@triton.jit
+def read_grads(ptr, row, IS_O: tl.constexpr, BC: tl.constexpr, DH: tl.constexpr, DM: tl.constexpr,
+               DEPTH: tl.constexpr, MOM: tl.constexpr):
+    """The gradients the chunk's backward starts from: M_o's read-out parts (`readout_bwd_kernel`),
+    zeros for a projection memory. Returns (dw1, dw2, ds1, ds2, dk, du, dy2, dkk1, dvv1, dy1, and
+    the coefficients' G, P, D, c)."""
+    dw1, ds1 = tl.zeros((DH, DM), dtype=tl.float32), tl.zeros((DH, DM), dtype=tl.float32)
+    dw2, ds2 = tl.zeros((DM, DH), dtype=tl.float32), tl.zeros((DM, DH), dtype=tl.float32)
+    dkk1, du, dy2 = (tl.zeros((BC, DM), dtype=tl.float32), tl.zeros((BC, DM), dtype=tl.float32),
+                     tl.zeros((BC, DM), dtype=tl.float32))
+    dvv1, dy1, dk = (tl.zeros((BC, DH), dtype=tl.float32), tl.zeros((BC, DH), dtype=tl.float32),
+                     tl.zeros((BC, DH), dtype=tl.float32))
+    g_p, g_dm = tl.zeros((BC, BC), dtype=tl.float32), tl.zeros((BC, BC), dtype=tl.float32)
+    g_eg, g_c = tl.zeros((BC,), dtype=tl.float32), tl.zeros((BC,), dtype=tl.float32)
+    if IS_O:
+        slot = read_grad_slots(ptr, row, BC, DH, DM)
+        dw2 = load_matrix(slot[2], DM, DH)
+        du, dy2, dk = load_matrix(slot[5], BC, DM), load_matrix(slot[6], BC, DM), load_matrix(slot[9], BC, DH)
+        g_p, g_dm = load_matrix(slot[10], BC, BC), load_matrix(slot[11], BC, BC)
+        g_eg, g_c = tl.load(slot[12] + tl.arange(0, BC)), tl.load(slot[13] + tl.arange(0, BC))
+        if MOM:
+            ds2 = load_matrix(slot[3], DM, DH)
+        if DEPTH == 2:
+            dw1, dkk1 = load_matrix(slot[0], DH, DM), load_matrix(slot[4], BC, DM)
+            dvv1, dy1 = load_matrix(slot[7], BC, DH), load_matrix(slot[8], BC, DH)
+            if MOM:
+                ds1 = load_matrix(slot[1], DH, DM)
+    return dw1, dw2, ds1, ds2, dk, du, dy2, dkk1, dvv1, dy1, g_eg, g_p, g_dm, g_c
+
+
+@triton.jit
+def end_grads(dw_ptr, ds_ptr, R: tl.constexpr, C: tl.constexpr, MOM: tl.constexpr):
+    """Gradient of a weight's chunk-end value and momentum (zeros without momentum)."""
+    ds = tl.zeros((R, C), dtype=tl.float32)
+    if MOM:
+        ds = load_matrix(ds_ptr, R, C)
+    return load_matrix(dw_ptr, R, C), ds
+
+
+@triton.jit
+def gamma_grad(dgamma_ptr, gamma_ptr, h, dlgam, domg, valid):
+    """Adds the momentum logit's gradient, through log gamma per token and 1 - gamma, at dgamma_ptr."""
+    gam = tl.sigmoid(tl.load(gamma_ptr + h).to(tl.float32))
+    dgam = tl.sum(tl.where(valid, dlgam, 0.0), 0) * (1.0 - gam) - domg * gam * (1.0 - gam)
+    tl.store(dgamma_ptr, tl.load(dgamma_ptr) + dgam)
+
+
+@triton.jit
+def chunk_bwd_kernel(
+    k_ptr, v_ptr, eta_ptr, alpha_ptr, gamma_ptr,
+    w1_ptr, w2_ptr, s1_ptr, s2_ptr, w1c_ptr, w2c_ptr, dw1_ptr, dw2_ptr, ds1_ptr, ds2_ptr, dw1c_ptr, dw2c_ptr,
+    dk_ptr, dv_ptr, deta_ptr, dalpha_ptr, dgamma_ptr, tape_ptr, rgrad_ptr, cu_ptr,
+    step, N, H, TOKENS, M0,
+    CHUNK: tl.constexpr, BC: tl.constexpr, DH: tl.constexpr, DM: tl.constexpr,
+    DEPTH: tl.constexpr, N_MEM: tl.constexpr, SELFGEN: tl.constexpr, V_GRAD: tl.constexpr,
+    IS_O: tl.constexpr, DELTA1: tl.constexpr, MOM: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Memory M0 + program_id(1). dw1/dw2/ds1/ds2 (N, N_MEM, H, ...): in, the gradient of the
+    chunk-end state; out, of the chunk-start state (M_o's includes its gradient-state part).
+    dw1c/dw2c: the projection memories' gradient-state part is added there. dk, dv, deta, dalpha:
+    (N_MEM, tokens, H, ...) one part per memory; dgamma (N, N_MEM, H) accumulates the momentum
+    logit's gradient. tape: the chunk kernel's rows, as it wrote them; rgrad (IS_O): row n * H + h
+    of the read-out's gradient parts."""
+    nh = tl.program_id(0)
+    m = M0 + tl.program_id(1)
+    n = nh // H
+    h = nh % H
+    t0, ntok = chunk_range(cu_ptr, n, step * CHUNK, CHUNK)
+    base = ((n * N_MEM + m) * H + h) * (DM * DH)
+    tape = tape_slots(tape_ptr, tl.program_id(1) * N * H + nh, BC, DH, DM)
+
+    k = load_tokens(k_ptr, t0, ntok, h, H, BC, DH)
+    eta = load_scalars(eta_ptr, t0, ntok, h, H, 0.0, BC)
+    alpha = load_scalars(alpha_ptr, t0, ntok, h, H, 1.0, BC)
+    s1, s2, lgam, omg = load_momentum(s1_ptr, s2_ptr, gamma_ptr, base, h, ntok, BC, DH, DM, DEPTH, MOM)
+    _, egp, _, pp, _, dmp, _, cp, to_end, d_end, g_end, c_end, gs_end, gam_end = chunk_coefficients(
+        alpha, lgam, eta, BC, MOM, PRECISION)
+    dw1, dw2, ds1, ds2, dk, du, dy2, dkk1, dvv1, dy1, g_eg, g_p, g_dm, g_c = read_grads(
+        rgrad_ptr, nh, IS_O, BC, DH, DM, DEPTH, MOM)
+
+    w2 = load_matrix(w2_ptr + base, DM, DH)
+    dw_end, ds_end = end_grads(dw2_ptr + base, ds2_ptr + base, DM, DH, MOM)
+    dw, ds, dkk, dvv, g_eta, g_egp, g_pp, g_dmp, g_cp, g_to_end, g_d_end, g_g_end, g_c_end, g_gs_end, g_gam_end = \
+        weight_bwd(w2, s2, k, load_matrix(tape[0], BC, DM), load_matrix(tape[1], BC, DM), dy2, eta, egp, pp, dmp,
+                   cp, to_end, d_end, g_end, c_end, gs_end, gam_end, dw_end, ds_end, BC, CHUNK, True, MOM, PRECISION)
+    dw2 += dw
+    ds2 += ds
+    dk += dkk
+    du += dvv
+    w1 = w2
+    if DEPTH == 2:
+        w1 = load_matrix(w1_ptr + base, DH, DM)
+        dw_end, ds_end = end_grads(dw1_ptr + base, ds1_ptr + base, DH, DM, MOM)
+        dw, ds, dkk, dvv, e_eta, e_egp, e_pp, e_dmp, e_cp, e_to_end, e_d_end, e_g_end, e_c_end, e_gs_end, \
+            e_gam_end = weight_bwd(w1, s1, load_matrix(tape[2], BC, DM), load_matrix(tape[3], BC, DH),
+                                   load_matrix(tape[4], BC, DH), dy1, eta, egp, pp, dmp, cp, to_end, d_end, g_end,
+                                   c_end, gs_end, gam_end, dw_end, ds_end, BC, CHUNK, DELTA1, MOM, PRECISION)
+        dw1 += dw
+        ds1 += ds
+        dkk1 += dkk
+        dvv1 += dvv
+        g_eta += e_eta
+        g_egp += e_egp
+        g_pp += e_pp
+        g_dmp += e_dmp
+        g_cp += e_cp
+        g_to_end += e_to_end
+        g_d_end += e_d_end
+        g_g_end += e_g_end
+        g_c_end += e_c_end
+        g_gs_end += e_gs_end
+        g_gam_end += e_gam_end
+    deta, dalpha, dlgam = coefficients_bwd(
+        alpha, lgam, eta, g_eg, g_egp, g_p, g_pp, g_dm, g_dmp, g_c, g_cp, g_to_end, g_d_end, g_g_end, g_c_end,
+        g_gs_end, g_gam_end, g_eta, BC, MOM, PRECISION)
+
+    if IS_O:  # M_o's gradient state is its chunk start, read again (as k): kept from above, their
+        w1c_ptr = w1_ptr  # shared-memory copies would stay live through both weights' backward
+        w2c_ptr = w2_ptr
+    w1c, w2c = gradient_state(w1, w2, w1c_ptr, w2c_ptr, base, IS_O, DH, DM, DEPTH, True)
+    k = load_tokens(k_ptr, t0, ntok, h, H, BC, DH, True)
+    v = load_tokens(v_ptr, t0, ntok, h, H, BC, DH)
+    r, zk, hk, u0 = chunk_targets(k, v, w1c, w2c, DEPTH, SELFGEN, PRECISION)
+    kk1, vv10, norm = w1_keys(hk, r, DELTA1)
+    domg = tl.sum(tl.sum(du * u0, 1), 0)
+    dr = tl.zeros_like(r)
+    dhk = tl.zeros_like(hk)
+    if DEPTH == 2:
+        domg += tl.sum(tl.sum(dvv1 * vv10, 1), 0)
+        dr, dhk = w1_keys_bwd(kk1, r, norm, dkk1, dvv1 * omg, DELTA1)
+    dk, dv, dw1c, dw2c = targets_bwd(k, v, w1c, w2c, r, zk, hk, du * omg, dr, dhk, dk, DEPTH, SELFGEN, V_GRAD,
+                                     PRECISION)
+    if MOM:
+        gamma_grad(dgamma_ptr + (n * N_MEM + m) * H + h, gamma_ptr, h, dlgam, domg, tl.arange(0, BC) < ntok)
+        store_matrix(ds2_ptr + base, ds2, DM, DH)
+        if DEPTH == 2:
+            store_matrix(ds1_ptr + base, ds1, DH, DM)
+    if IS_O:
         dw1 += dw1c
         dw2 += dw2c
     else:
-        store_matrix(dw2c_ptr + base, load_matrix(dw2c_ptr + base, DM, DH) + dw2c, DM, DH)
+        add_matrix(dw2c_ptr + base, dw2c, DM, DH)
         if DEPTH == 2:
-            store_matrix(dw1c_ptr + base, load_matrix(dw1c_ptr + base, DH, DM) + dw1c, DH, DM)
+            add_matrix(dw1c_ptr + base, dw1c, DH, DM)
     store_matrix(dw2_ptr + base, dw2, DM, DH)
     if DEPTH == 2:
         store_matrix(dw1_ptr + base, dw1, DH, DM)
-    part = m.to(tl.int64) * TOKENS * H
-    store_tokens(dk_ptr + part * DH, dk, t0, ntok, h, H, BC, DH)
-    store_tokens(dv_ptr + part * DH, dv, t0, ntok, h, H, BC, DH)
-    tl.store(deta_ptr + part + (t0 + rows) * H + h, deta, mask=valid)
-    tl.store(dalpha_ptr + part + (t0 + rows) * H + h, dalpha, mask=valid)
+    store_token_grads(dk_ptr, dv_ptr, deta_ptr, dalpha_ptr, m.to(tl.int64) * TOKENS * H, dk, dv, deta, dalpha, t0,
+                      ntok, h, H, BC, DH)

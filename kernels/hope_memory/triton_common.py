@@ -36,12 +36,17 @@ def chunk_range(cu_ptr, n, first_token, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def load_tokens(ptr, t0, ntok, h, H, BC: tl.constexpr, D: tl.constexpr):
-    """(BC, D) float32 tile of a (tokens, H, D) tensor; rows past `ntok` read as 0."""
+def load_tokens(ptr, t0, ntok, h, H, BC: tl.constexpr, D: tl.constexpr, AGAIN: tl.constexpr = False):
+    """(BC, D) float32 tile of a (tokens, H, D) tensor; rows past `ntok` read as 0. AGAIN: a second
+    read of a tile read before, as a load the compiler does not merge with the first (`load_matrix`)."""
     rows = tl.arange(0, BC)
     cols = tl.arange(0, D)
     offs = (t0 + rows[:, None]) * (H * D) + h * D + cols[None, :]
-    return tl.load(ptr + offs, mask=rows[:, None] < ntok, other=0.0).to(tl.float32)
+    if AGAIN:
+        x = tl.load(ptr + offs, mask=rows[:, None] < ntok, other=0.0, eviction_policy="evict_first")
+    else:
+        x = tl.load(ptr + offs, mask=rows[:, None] < ntok, other=0.0)
+    return x.to(tl.float32)
 
 
 @triton.jit
@@ -60,9 +65,15 @@ def load_scalars(ptr, t0, ntok, h, H, other, BC: tl.constexpr):
 
 
 @triton.jit
-def load_matrix(ptr, R: tl.constexpr, C: tl.constexpr):
-    """(R, C) row-major float32 matrix."""
-    return tl.load(ptr + tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :])
+def load_matrix(ptr, R: tl.constexpr, C: tl.constexpr, AGAIN: tl.constexpr = False):
+    """(R, C) row-major float32 matrix. AGAIN: a second read of a matrix read before, as a distinct
+    load (another eviction policy; CSE merges identical loads). Triton keeps one shared-memory copy
+    of a dot operand from its first use to its last, so reading a tile again for a late use, instead
+    of keeping it, is what keeps a kernel within an H100's shared memory (docs/triton.md)."""
+    offs = tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
+    if AGAIN:
+        return tl.load(ptr + offs, eviction_policy="evict_first")
+    return tl.load(ptr + offs)
 
 
 @triton.jit
@@ -118,3 +129,20 @@ def chunk_decay(alpha):
     la = tl.maximum(tl.log(alpha), -200.0)
     lg = tl.cumsum(la, 0)
     return lg, lg - la, tl.sum(la, 0)
+
+
+def tape_size(BC: int, DH: int, DM: int) -> int:
+    """float32 elements of one program's tape (see `tape_slots`)."""
+    return BC * (3 * DM + 2 * DH)
+
+
+@triton.jit
+def tape_slots(ptr, row, BC: tl.constexpr, DH: tl.constexpr, DM: tl.constexpr):
+    """Pointers of the (BC x .) tiles of tape row `row`: u, Y2, kk1 (x DM), vv1, Y1 (x DH). The tape
+    carries a chunk's solved rows from the chunk kernel to the read-out and backward kernels, so that
+    no one kernel holds the solves and everything after them (shared memory, docs/triton.md)."""
+    u = ptr + row.to(tl.int64) * (BC * (3 * DM + 2 * DH))
+    y2 = u + BC * DM
+    kk1 = y2 + BC * DM
+    vv1 = kk1 + BC * DM
+    return u, y2, kk1, vv1, vv1 + BC * DH

@@ -1,31 +1,26 @@
-"""Forward kernel of one chunk of every memory: the self-generated targets and chunk-start
-gradients (u, e, h), the in-chunk gated delta rule for W2 (WY/UT form, solved by forward
-substitution in float32) and gated linear update for W1, the chunk-end state and, for M_o, the
-inclusive per-token read-out. Parallel over (document x head, memory).
-
-Within a chunk with start state W and cumulative decays G_t = prod_{s<=t} alpha_s:
-  x_t = eta_t (W_{t-1} k_t + u_t)   solves   (I + A) X = diag(eta) (U + diag(G_{t-1}) K W^T),
-  A[t, s] = eta_t G_{t-1} / G_s k_t.k_s (s < t), and  W2_t = G_t W2 - sum_{s<=t} G_t/G_s x_s k_s^T,
-  W1_t = G_t W1 - sum_{s<=t} G_t/G_s eta_s e_s h_s^T.
-"""
+"""Forward kernel of one chunk of one memory: the self-generated targets and chunk-start
+gradients (u, e, h), W2's delta rule along k and W1's along hn = l2norm(h) (or W1's gated update),
+both solved in WY/UT form with momentum when on (triton_delta.py), the chunk-end state and, when
+asked, the tape of solved rows (u, Y2, kk1, vv1, Y1) that M_o's read-out (triton_readout.py) and the
+backward kernel read. Parallel over (document x head, memory); M_o runs as its own launch (IS_O:
+its gradient state is its own chunk start)."""
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
 from kernels.hope_memory.triton_common import (
-    chunk_decay,
     chunk_range,
     dsilu,
     load_matrix,
     load_scalars,
     load_tokens,
-    masked_exp,
     memory_read,
     silu,
     store_matrix,
-    store_tokens,
+    tape_slots,
 )
+from kernels.hope_memory.triton_delta import chunk_coefficients, delta_end, delta_solve
 
 
 @triton.jit
@@ -50,102 +45,116 @@ def chunk_targets(k, v, w1c, w2c, DEPTH: tl.constexpr, SELFGEN: tl.constexpr,
 
 
 @triton.jit
-def forward_substitution(a, rhs, BC: tl.constexpr, CHUNK: tl.constexpr):
-    """(I + a)^{-1} rhs for a strictly lower-triangular (BC, BC) a, row by row (rows from
-    CHUNK on are padding: a has no entries there)."""
-    rows = tl.arange(0, BC)
-    x = rhs
-    for i in range(1, CHUNK):
-        a_i = tl.sum(tl.where(rows[:, None] == i, a, 0.0), 0)
-        x = tl.where(rows[:, None] == i, x - tl.sum(a_i[:, None] * x, 0)[None, :], x)
-    return x
+def w1_keys(hk, r, DELTA1: tl.constexpr):
+    """W1's keys and gradient rows: G1 = r h^T = (r |h|) hn^T along hn = l2norm(h) with the
+    delta rule, (h, r) for the gated update. Also returns |h| (eps as l2norm's)."""
+    norm = tl.sqrt(tl.sum(hk * hk, 1) + 1e-6)
+    if DELTA1:
+        return hk / norm[:, None], r * norm[:, None], norm
+    return hk, r, norm
 
 
 @triton.jit
-def load_memory(w1_ptr, w2_ptr, w1c_ptr, w2c_ptr, base, is_o, DH: tl.constexpr, DM: tl.constexpr,
-                DEPTH: tl.constexpr):
-    """One memory's chunk-start (w1, w2) and gradient-state (w1c, w2c) weights; M_o's gradient
-    state is its own chunk start. w1 stands in for w2 at depth 1."""
+def gradient_state(w1, w2, w1c_ptr, w2c_ptr, base, IS_O: tl.constexpr, DH: tl.constexpr, DM: tl.constexpr,
+                   DEPTH: tl.constexpr, AGAIN: tl.constexpr = False):
+    """(w1c, w2c): the weights a memory takes its inner gradients at; M_o's are its own chunk-start
+    (w1, w2), a projection memory's are loaded (its proj-chunk start). w2 stands in for w1 at depth 1.
+    AGAIN: M_o's are read again from w1c_ptr/w2c_ptr (`load_matrix`; pass its chunk start there)."""
+    if IS_O and not AGAIN:
+        w1c = w1
+        w2c = w2
+    else:
+        w2c = load_matrix(w2c_ptr + base, DM, DH, AGAIN)
+        w1c = w2c
+        if DEPTH == 2:
+            w1c = load_matrix(w1c_ptr + base, DH, DM, AGAIN)
+    return w1c, w2c
+
+
+@triton.jit
+def load_memory(w1_ptr, w2_ptr, w1c_ptr, w2c_ptr, base, IS_O: tl.constexpr, DH: tl.constexpr,
+                DM: tl.constexpr, DEPTH: tl.constexpr):
+    """One memory's chunk-start (w1, w2) and gradient-state (w1c, w2c) weights."""
     w2 = load_matrix(w2_ptr + base, DM, DH)
     w1 = w2
     if DEPTH == 2:
         w1 = load_matrix(w1_ptr + base, DH, DM)
-    if is_o:
-        w1c = w1
-        w2c = w2
-    else:
-        w2c = load_matrix(w2c_ptr + base, DM, DH)
-        w1c = w2c
-        if DEPTH == 2:
-            w1c = load_matrix(w1c_ptr + base, DH, DM)
+    w1c, w2c = gradient_state(w1, w2, w1c_ptr, w2c_ptr, base, IS_O, DH, DM, DEPTH)
     return w1, w2, w1c, w2c
 
 
 @triton.jit
-def wy_solve(k, u, eta, lg, lgp, w2, BC: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr):
-    """X of the module docstring, with the pieces the backward reuses: (X, A, K K^T, K W2^T,
-    the strictly-lower decay G_{t-1} / G_s)."""
-    rows = tl.arange(0, BC)
-    e_low = masked_exp(lgp[:, None] - lg[None, :], rows[None, :] < rows[:, None])
-    kk = tl.dot(k, tl.trans(k), input_precision=PRECISION)
-    a = eta[:, None] * e_low * kk
-    kw = tl.dot(k, tl.trans(w2), input_precision=PRECISION)
-    x = forward_substitution(a, eta[:, None] * (u + tl.exp(lgp)[:, None] * kw), BC, CHUNK)
-    return x, a, kk, kw, e_low
+def load_momentum(s1_ptr, s2_ptr, gamma_ptr, base, h, ntok, BC: tl.constexpr, DH: tl.constexpr,
+                  DM: tl.constexpr, DEPTH: tl.constexpr, MOM: tl.constexpr):
+    """Chunk-start momenta (zeros without momentum), log gamma per token (0 on padding rows, so
+    they keep S) and 1 - gamma, the gradients' EMA weight (1 without momentum)."""
+    s2 = tl.zeros((DM, DH), dtype=tl.float32)
+    s1 = tl.zeros((DH, DM), dtype=tl.float32)
+    lgam = tl.zeros((BC,), dtype=tl.float32)
+    omg = 1.0
+    if MOM:
+        s2 = load_matrix(s2_ptr + base, DM, DH)
+        if DEPTH == 2:
+            s1 = load_matrix(s1_ptr + base, DH, DM)
+        g = tl.load(gamma_ptr + h).to(tl.float32)
+        log_gamma = tl.minimum(g, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(g)))
+        lgam = tl.where(tl.arange(0, BC) < ntok, log_gamma, 0.0)
+        omg = 1.0 - tl.sigmoid(g)
+    return s1, s2, lgam, omg
 
 
 @triton.jit
 def chunk_fwd_kernel(
-    k_ptr, v_ptr, eta_ptr, alpha_ptr, q_ptr, o_ptr,
-    w1_ptr, w2_ptr, w1c_ptr, w2c_ptr, w1e_ptr, w2e_ptr, cu_ptr,
-    step, N, H,
+    k_ptr, v_ptr, eta_ptr, alpha_ptr, gamma_ptr,
+    w1_ptr, w2_ptr, s1_ptr, s2_ptr, w1c_ptr, w2c_ptr, w1e_ptr, w2e_ptr, s1e_ptr, s2e_ptr, tape_ptr, cu_ptr,
+    step, N, H, M0,
     CHUNK: tl.constexpr, BC: tl.constexpr, DH: tl.constexpr, DM: tl.constexpr,
-    DEPTH: tl.constexpr, N_MEM: tl.constexpr, SELFGEN: tl.constexpr, READOUT: tl.constexpr,
-    PRECISION: tl.constexpr,
+    DEPTH: tl.constexpr, N_MEM: tl.constexpr, SELFGEN: tl.constexpr, TAPE: tl.constexpr,
+    IS_O: tl.constexpr, DELTA1: tl.constexpr, MOM: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """w1/w2: chunk-start state (N, N_MEM, H, ...) float32; w1c/w2c: the state the projection
-    memories take their gradients at (their proj-chunk start; M_o, the last memory, always uses
-    w1/w2); w1e/w2e: chunk-end state out. o (tokens, H, DH) is written by M_o's programs when READOUT."""
+    """Memory M0 + program_id(1). w1/w2/s1/s2: chunk-start state (N, N_MEM, H, ...) float32;
+    w1c/w2c: the state the projection memories take their gradients at (their proj-chunk start;
+    M_o uses w1/w2); w1e/w2e/s1e/s2e: chunk-end state out. With TAPE, program (n, h) of launch
+    memory j writes its tape at row (j * N + n) * H + h of tape (rows of `tape_size` floats)."""
     nh = tl.program_id(0)
-    m = tl.program_id(1)
+    m = M0 + tl.program_id(1)
     n = nh // H
     h = nh % H
     t0, ntok = chunk_range(cu_ptr, n, step * CHUNK, CHUNK)
-    mat = DM * DH
-    base = ((n * N_MEM + m) * H + h) * mat
-    is_o = m == N_MEM - 1
+    base = ((n * N_MEM + m) * H + h) * (DM * DH)
 
     k = load_tokens(k_ptr, t0, ntok, h, H, BC, DH)
     v = load_tokens(v_ptr, t0, ntok, h, H, BC, DH)
     eta = load_scalars(eta_ptr, t0, ntok, h, H, 0.0, BC)
     alpha = load_scalars(alpha_ptr, t0, ntok, h, H, 1.0, BC)
-    w1, w2, w1c, w2c = load_memory(w1_ptr, w2_ptr, w1c_ptr, w2c_ptr, base, is_o, DH, DM, DEPTH)
+    w1, w2, w1c, w2c = load_memory(w1_ptr, w2_ptr, w1c_ptr, w2c_ptr, base, IS_O, DH, DM, DEPTH)
+    s1, s2, lgam, omg = load_momentum(s1_ptr, s2_ptr, gamma_ptr, base, h, ntok, BC, DH, DM, DEPTH, MOM)
     r, _, hk, u = chunk_targets(k, v, w1c, w2c, DEPTH, SELFGEN, PRECISION)
+    _, egp, _, pp, _, dp, _, cp, to_end, d_end, g_end, c_end, gs_end, gam_end = chunk_coefficients(
+        alpha, lgam, eta, BC, MOM, PRECISION)
+    tape = tape_slots(tape_ptr, (tl.program_id(1) * N + n) * H + h, BC, DH, DM)
 
-    rows = tl.arange(0, BC)
-    lg, lgp, lg_end = chunk_decay(alpha)
-    x, _, _, _, _ = wy_solve(k, u, eta, lg, lgp, w2, BC, CHUNK, PRECISION)
-
-    g_end = tl.exp(lg_end)
-    to_end = tl.where(rows < ntok, tl.exp(lg_end - lg), 0.0)
-    w2e = g_end * w2 - tl.dot(tl.trans(x * to_end[:, None]), k, input_precision=PRECISION)
+    u = u * omg
+    y2 = delta_solve(w2, s2, k, u, eta, egp, pp, dp, cp, BC, CHUNK, MOM, PRECISION)
+    w2e, s2e = delta_end(w2, s2, k, u, y2, to_end, d_end, g_end, c_end, gs_end, gam_end, True, MOM, PRECISION)
     store_matrix(w2e_ptr + base, w2e, DM, DH)
+    if MOM:
+        store_matrix(s2e_ptr + base, s2e, DM, DH)
+    if TAPE:
+        store_matrix(tape[0], u, BC, DM)
+        store_matrix(tape[1], y2, BC, DM)
     if DEPTH == 2:
-        w1e = g_end * w1 - tl.dot(tl.trans(r * (eta * to_end)[:, None]), hk, input_precision=PRECISION)
+        kk1, vv1, _ = w1_keys(hk, r, DELTA1)
+        vv1 = vv1 * omg
+        y1 = vv1
+        if DELTA1:
+            y1 = delta_solve(w1, s1, kk1, vv1, eta, egp, pp, dp, cp, BC, CHUNK, MOM, PRECISION)
+        w1e, s1e = delta_end(w1, s1, kk1, vv1, y1, to_end, d_end, g_end, c_end, gs_end, gam_end, DELTA1, MOM,
+                             PRECISION)
         store_matrix(w1e_ptr + base, w1e, DH, DM)
-
-    if READOUT:
-        if is_o:
-            q = load_tokens(q_ptr, t0, ntok, h, H, BC, DH)
-            decay = masked_exp(lg[:, None] - lg[None, :], rows[None, :] <= rows[:, None])
-            g = tl.exp(lg)[:, None]
-            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * decay
-            z = g * tl.dot(q, tl.trans(w2), input_precision=PRECISION) - tl.dot(qk, x, input_precision=PRECISION)
-            if DEPTH == 2:
-                p = silu(z)
-                ph = tl.dot(p, tl.trans(hk), input_precision=PRECISION) * decay * eta[None, :]
-                o = (q + g * tl.dot(p, tl.trans(w1), input_precision=PRECISION)
-                     - tl.dot(ph, r, input_precision=PRECISION))
-            else:
-                o = z
-            store_tokens(o_ptr, o, t0, ntok, h, H, BC, DH)
+        if MOM:
+            store_matrix(s1e_ptr + base, s1e, DH, DM)
+        if TAPE:
+            store_matrix(tape[2], kk1, BC, DM)
+            store_matrix(tape[3], vv1, BC, DH)
+            store_matrix(tape[4], y1, BC, DH)

@@ -14,7 +14,7 @@ DATA = REPO / "tests" / "data"  # committed fixtures: recorded memory inputs, lm
 
 def write_indexed_dataset(prefix: Path, docs: list[np.ndarray]) -> Path:
     """Write `docs` (token arrays, EOD included) as PREFIX.bin/.idx with megatron-core's builder."""
-    from data_prep.megatron_format import megatron_indexed_dataset
+    from hope_dist.data.megatron_format import megatron_indexed_dataset
 
     builder = megatron_indexed_dataset().IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.uint16)
     for doc in docs:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hope_dist.checkpoint import MARKER, STALL_ENV, CheckpointError, committed_steps, read_flat, verify
+from hope_dist.checkpoint import MARKER, CheckpointError, committed_steps, read_flat, verify
+from hope_dist.faults import STALL_ENV
 from hope_dist.checkpoint_manager import RNGState
 from hope_dist.clock import ClockGroup, CMSClock
 
@@ -37,7 +38,7 @@ def test_stop_and_resume_is_bit_exact_between_ticks(random_dataset, tmp_path, un
     pending = {n: a.abs().sum().item() for n, a in first.clock.acc.items()}
     assert all(v > 0 for v in pending.values()), "the test must save non-empty window sums"
     first.save()
-    first.ckpt.wait()
+    first.checkpointer.wait()
     del first
     resumed = make(random_dataset, tmp_path, **extra)
     resumed.train()
@@ -60,7 +61,7 @@ def test_async_save_snapshots_the_state_before_returning(random_dataset, tmp_pat
         with torch.no_grad():
             for p in trainer.model.parameters():
                 p.add_(1.0)  # training goes on while the write is in flight
-        trainer.ckpt.wait()
+        trainer.checkpointer.wait()
         assert (path / MARKER).is_file() and verify(path) == []
         saved = read_flat(path)
         assert saved["train.step"] == step and saved["train.data.consumed_samples"] == 4 * step

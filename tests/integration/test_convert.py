@@ -34,8 +34,8 @@ def test_consolidate_fp32_and_bf16(trained, tmp_path):
     from safetensors.torch import load_file
 
     trainer, _, _ = trained
-    final = trainer.ckpt.path(6)
-    for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    final = trainer.checkpointer.path(6)
+    for dtype, torch_dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         out = tmp_path / f"model-{dtype}.safetensors"
         assert convert.main(["consolidate", str(final), str(out), "--dtype", dtype]) == 0
         weights = load_file(str(out))
@@ -48,7 +48,7 @@ def test_consolidate_fp32_and_bf16(trained, tmp_path):
 def test_export_then_from_pretrained_gives_training_logits(trained, tmp_path, bpe_tokenizer, shard):
     trainer, _, _ = trained
     out = tmp_path / "hf"
-    args = ["export-hf", str(trainer.ckpt.path(6)), str(out), "--tokenizer", str(bpe_tokenizer)]
+    args = ["export-hf", str(trainer.checkpointer.path(6)), str(out), "--tokenizer", str(bpe_tokenizer)]
     assert convert.main(args + (["--max-shard-size", shard] if shard else [])) == 0
     files = sorted(p.name for p in out.iterdir())
     assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= set(files)
@@ -70,7 +70,7 @@ def test_session_carries_state_across_calls(random_dataset, tmp_path, mixer):
     trainer = make(random_dataset, tmp_path, **{"model.mixer": mixer, "training.steps": 1})
     trainer.train()
     out = tmp_path / "hf"
-    assert convert.main(["export-hf", str(trainer.ckpt.path(1)), str(out)]) == 0
+    assert convert.main(["export-hf", str(trainer.checkpointer.path(1)), str(out)]) == 0
     ids = torch.randint(1, 96, (45,), generator=torch.Generator().manual_seed(1)).tolist()
     lm = hope_dist.from_pretrained(out)
     with torch.no_grad():
@@ -98,7 +98,7 @@ def test_session_carries_state_across_calls(random_dataset, tmp_path, mixer):
 def test_text_scoring_and_sampling(trained, tmp_path, bpe_tokenizer):
     trainer, _, _ = trained
     out = tmp_path / "hf"
-    convert.main(["export-hf", str(trainer.ckpt.path(6)), str(out), "--tokenizer", str(bpe_tokenizer)])
+    convert.main(["export-hf", str(trainer.checkpointer.path(6)), str(out), "--tokenizer", str(bpe_tokenizer)])
     lm = hope_dist.from_pretrained(out)
     text = "the cat sat on the mat"
     score = lm.score(text)

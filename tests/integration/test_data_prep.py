@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from data_prep import corpus, tokenize
-from data_prep.engines import TiktokenEncoder, load_encoder, tiktoken_incompatibility
+from hope_dist.data.encoders import TiktokenEncoder, load_encoder, tiktoken_incompatibility
 from data_prep.train_tokenizer import train
 
 from helpers import REPO
@@ -51,7 +51,7 @@ def hf_reference(tokenizer: str, texts: list[str]) -> list[list[int]]:
 
 
 def read_megatron(prefix: str) -> list[list[int]]:
-    from data_prep.megatron_format import megatron_indexed_dataset
+    from hope_dist.data.megatron_format import megatron_indexed_dataset
 
     ds = megatron_indexed_dataset().IndexedDataset(prefix)
     return [ds[i].tolist() for i in range(len(ds))]
@@ -130,7 +130,7 @@ def test_tiktoken_engine_is_chosen_and_identical(tokenizer_json):
 
 def test_tiktoken_disagreement_falls_back_per_document(tmp_path):
     """A vocabulary where tiktoken's rank-greedy BPE and the merge list disagree on "abc"."""
-    from data_prep.engines import byte_level_alphabet
+    from hope_dist.data.encoders import byte_level_alphabet
 
     chars = {b: c for c, b in byte_level_alphabet().items()}
     vocab = {"<|endoftext|>": 0, **{chars[b]: 1 + b for b in range(256)}}

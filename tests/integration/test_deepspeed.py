@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 import hope_dist
 from hope_dist.checkpoint import CheckpointError
 from hope_dist.config import ConfigError, load_config
+from hope_dist.faults import FaultHooks
 from hope_dist.trainer import Trainer
 from tools import convert
 
@@ -57,8 +58,7 @@ def _worker(rank: int, world: int, port: int, runs: list[tuple[str, list[str]]],
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     for name, args in runs:
-        os.environ["HOPE_INJECT_NONFINITE_STEP"] = "1" if "skip" in name else "-1"
-        trainer = Trainer(load_config(None, args))
+        trainer = Trainer(load_config(None, args), faults=FaultHooks(nonfinite_step=1) if "skip" in name else None)
         if "resume" in name:
             trainer.maybe_resume()
         rows = []

@@ -167,6 +167,35 @@ def test_every_request_starts_from_a_fresh_state(folder):
     assert run(lm, requests()) == forward
 
 
+def scoring_requests() -> list[Instance]:
+    """Loglikelihood requests of many lengths (so batches pad) and rolling ones of several windows."""
+    meta = ("hope_test", 0, 1)
+    words = "the cat sat on the mat, the dog sat on the log.".split()
+    pairs = [(" ".join(words[:n]), " " + " ".join(words[n:n + k])) for n in range(1, 8) for k in (1, 3)]
+    reqs = [Instance("loglikelihood", {}, pair, i, meta) for i, pair in enumerate(pairs + [("", "the cat")])]
+    texts = [" ".join((words * 6)[:n]) for n in (3, 30, 70)] * 2
+    return reqs + [Instance("loglikelihood_rolling", {}, (t,), len(reqs) + i, meta) for i, t in enumerate(texts)]
+
+
+@pytest.mark.parametrize("mixer", ["selfmod", "titans", "attention"])
+def test_batched_scoring_equals_one_by_one(folder, tokenizer_file, tmp_path, mixer):
+    """batch_size=5 (rows padded on the right) gives every request's loglikelihood and greedy flag as
+    batch_size=1 does, to 1e-5; the long rolling requests span several windows of max_length=24."""
+    path = folder if mixer == "selfmod" else export(tmp_path / mixer, tokenizer_file, mixer=mixer)
+    one = run(HopeEvalLM(pretrained=str(path), max_length=24, batch_size=1), scoring_requests())
+    batched_lm = HopeEvalLM(pretrained=str(path), max_length=24, batch_size="5")
+    assert batched_lm.batch_size == 5
+    batched = run(batched_lm, scoring_requests())
+    assert len(one) == len(batched) == 21
+    for a, b in zip(one, batched, strict=True):
+        if isinstance(a, tuple):
+            close(a[0], b[0])
+            assert a[1] == b[1]
+        else:
+            close(a, b)
+    assert len({a[0] if isinstance(a, tuple) else a for a in one}) > 15  # distinct requests, not one number
+
+
 def test_rolling_windows_predict_each_token_once(folder):
     """max_length=4 over 10 tokens: windows [eot t0 t1 t2]->t0..t3, [t3..t6]->t4..t7, [t5..t8]->t8 t9,
     each from a fresh state."""

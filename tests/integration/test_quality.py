@@ -1,7 +1,6 @@
 """The quality comparison's configs: equal parameters within 1% at every size, and the three CPU-size
 models train and evaluate end to end through bench/bench_quality.py (a few steps, real processes)."""
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +10,8 @@ import torch
 from hope_dist.config import load_config
 from hope_dist.model import HopeModel, count_parameters
 
+from bench import bench_quality
 from helpers import REPO, write_indexed_dataset
-
-sys.path.insert(0, str(REPO / "bench"))
-import bench_quality  # noqa: E402
 
 SIZES = sorted({p.stem.split("_")[1] for p in (REPO / "configs/quality").glob("hope_*.yaml")})
 

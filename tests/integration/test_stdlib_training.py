@@ -49,7 +49,7 @@ def test_tiny_hope_learns_the_stdlib(stdlib_data, tmp_path):
 
 
 def unigram_entropy(prefix) -> float:
-    from data_prep.megatron_format import megatron_indexed_dataset
+    from hope_dist.data.megatron_format import megatron_indexed_dataset
 
     ds = megatron_indexed_dataset().IndexedDataset(str(prefix))
     counts = np.bincount(np.concatenate([ds[i] for i in range(len(ds))]))

@@ -10,7 +10,6 @@ import torch._inductor.config
 
 from hope_dist.config import load_config
 from hope_dist.model import document_segments
-from hope_dist.model.memory_mixer import MemoryMixer
 
 
 @pytest.mark.slow
@@ -22,7 +21,7 @@ def test_compiled_mixer_equals_eager_without_graph_breaks():
                                             "--model.proj_chunk_size=8", "--model.kernel=torch"]).model
     torch.manual_seed(0)
     with torch.device("meta"):
-        mixer = MemoryMixer(cfg)
+        mixer = cfg.mixer_spec.build(cfg)
     mixer.to_empty(device="cpu").init_weights()
     tokens = torch.randint(1, 50, (2, 24))
     tokens[0, 9] = tokens[1, 16] = 0  # end-of-document tokens: documents of 10, 14, 17 and 7 tokens

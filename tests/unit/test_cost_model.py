@@ -2,16 +2,11 @@
 from __future__ import annotations
 
 import statistics
-import sys
 
 import pytest
 
-from helpers import REPO
-
-sys.path.insert(0, str(REPO / "bench"))
-
-import cost_model as cm  # noqa: E402
-from hope_dist.config import ConfigError  # noqa: E402
+from bench import cost_model as cm
+from hope_dist.config import ConfigError
 
 IB = cm.CLUSTERS["h100-ib"]
 

@@ -163,7 +163,7 @@ def test_heldout_reads_the_documents_training_held_out(long_docs):
 # ------------------------------------------------------------------ passkey
 @pytest.mark.parametrize("mode", ["tokens", "text"])
 def test_passkey_samples_are_deterministic_and_placed(mode, tokenizer_file):
-    from data_prep.engines import load_encoder
+    from hope_dist.data.encoders import load_encoder
 
     if mode == "text":
         enc = load_encoder(str(tokenizer_file))

@@ -29,6 +29,9 @@ class Case:
     dtype: torch.dtype = torch.float64
     given_state: bool = False
     w1_delta: bool = True
+    retain_init: bool = False  # retention decays the deviation from M_0 (the params' weights)
+    per_memory_a: bool = False  # selfmod: one input per projection memory, a (B, T, 4, H, d_h)
+    bound_step: bool = False  # inner gradients bounded by their curvature
 
 
 FACTORS = {
@@ -83,7 +86,8 @@ def make_problem(case: Case, batch: int = 2, seed: int = 0):
     if case.variant == "selfmod":
         params = MemoryParams(w1, w2, randn(HEADS, D_H, scale=0.3), randn(HEADS, scale=0.3, shift=-2.0),
                               randn(HEADS, D_H, scale=0.3), randn(HEADS, scale=0.3, shift=5.5), gamma)
-        inputs = {"a": F.silu(randn(*shape))}
+        a_shape = (batch, case.seq, 4, HEADS, D_H) if case.per_memory_a else shape
+        inputs = {"a": F.silu(randn(*a_shape))}
     else:
         params = MemoryParams(w1, w2, gamma=gamma)
         inputs = {"k": l2norm(randn(*shape)), "v": l2norm(randn(*shape)),
@@ -96,9 +100,10 @@ def make_problem(case: Case, batch: int = 2, seed: int = 0):
     return l2norm(randn(*shape)), params, inputs, state
 
 
-def leaves_of(q, params, inputs, state) -> dict[str, torch.Tensor]:
-    """Every tensor the op is differentiable in, by name (params' weights only when they start the state)."""
-    skip = {"w1", "w2"} if state is not None else set()
+def leaves_of(q, params, inputs, state, retain_init=False) -> dict[str, torch.Tensor]:
+    """Every tensor the op is differentiable in, by name (params' weights only when they start the state
+    or, with retain_init, anchor the retention)."""
+    skip = {"w1", "w2"} if state is not None and not retain_init else set()
     leaves = {"q": q, **inputs}
     leaves.update({f"params.{n}": x for n, x in params._asdict().items() if x is not None and n not in skip})
     if state is not None:
@@ -126,7 +131,7 @@ def forward_backward(q, params, inputs, state, **kwargs):
     def run():
         return hope_memory(q, params, **inputs, initial_state=state, output_final_state=True, **kwargs)
 
-    return differentiate(run, leaves_of(q, params, inputs, state))
+    return differentiate(run, leaves_of(q, params, inputs, state, kwargs.get("retain_init", False)))
 
 
 def assert_rel_close(actual, expected, tol: float, what: str) -> None:
@@ -154,14 +159,16 @@ def _case_id(case: Case) -> str:
     return (f"{case.variant}-d{case.depth}-{'mom' if case.momentum else 'nomom'}-"
             f"{'selfgen' if case.selfgen else 'v'}-{'sg' if case.stopgrad else 'nosg'}-C{case.chunk_size}"
             f"x{case.proj_mult}-T{case.seq}-{str(case.dtype)[6:]}-{'state' if case.given_state else 'fresh'}"
-            f"{'' if case.w1_delta else '-w1gated'}")
+            f"{'' if case.w1_delta else '-w1gated'}{'-retain' if case.retain_init else ''}"
+            f"{'-amem' if case.per_memory_a else ''}{'-bound' if case.bound_step else ''}")
 
 
 @pytest.mark.parametrize("case", CASES + [replace(c, w1_delta=False) for c in CASES if c.depth == 2], ids=_case_id)
 def test_chunked_matches_naive(case: Case):
     q, params, inputs, state = make_problem(case)
     kwargs = dict(chunk_size=case.chunk_size, proj_chunk_size=case.chunk_size * case.proj_mult, selfgen=case.selfgen,
-                  stopgrad_vhat=case.stopgrad, w1_delta=case.w1_delta)
+                  stopgrad_vhat=case.stopgrad, w1_delta=case.w1_delta, retain_init=case.retain_init,
+                  bound_step=case.bound_step)
     want = forward_backward(q, params, inputs, state, impl="naive", **kwargs)
     got = forward_backward(q, params, inputs, state, impl="torch", **kwargs)
     tol = 1e-10 if case.dtype == torch.float64 else 1e-4
@@ -180,6 +187,45 @@ STRUCTURES = [Case(**dict(zip(STRUCTURAL, flags)), chunk_size=3, proj_mult=2, se
 def test_chunked_matches_naive_every_structure(case: Case):
     """The full product of the structural flags in float64 (a short sequence with short chunks)."""
     test_chunked_matches_naive(case)
+
+
+OPTIONS = [replace(c, retain_init=True, w1_delta=w1_delta) for c in STRUCTURES if c.stopgrad
+           for w1_delta in ((True, False) if c.depth == 2 else (True,))]
+OPTIONS += [replace(c, per_memory_a=True, retain_init=r) for c in STRUCTURES
+            if c.variant == "selfmod" and c.stopgrad and c.selfgen for r in (False, True)]
+OPTIONS += [replace(c, bound_step=True, w1_delta=w1_delta) for c in STRUCTURES if c.stopgrad
+            for w1_delta in ((True, False) if c.depth == 2 else (True,))]
+
+
+@pytest.mark.parametrize("case", OPTIONS, ids=_case_id)
+def test_chunked_matches_naive_with_options(case: Case):
+    """Retention toward M_0 and per-memory inputs (docs/model.md section 2.10), every structure, float64,
+    with an initial state (so the anchor M_0 differs from where the state starts)."""
+    test_chunked_matches_naive(case)
+
+
+@pytest.mark.parametrize("variant", ["selfmod", "titans"])
+def test_options_change_the_result(variant):
+    """Each option acts: retention toward M_0 moves the final state toward M_0, and per-memory inputs
+    differ from one shared input (the four memories see four inputs, not one)."""
+    case = Case(variant=variant, given_state=True, seq=48)
+    q, params, inputs, state = make_problem(case)
+    run = lambda inp, **kw: hope_memory(q, params, **inp, initial_state=state, output_final_state=True, **kw)[1]
+    plain, anchored = run(inputs), run(inputs, retain_init=True)
+    frozen = hope_memory(q, params, **inputs, output_final_state=True, eta_max=0.0, retain_init=True)[1]
+    if variant == "titans":
+        frozen = hope_memory(q, params, **{**inputs, "eta": 0 * inputs["eta"]}, output_final_state=True,
+                             retain_init=True)[1]
+    assert (frozen.w2 - params.w2).abs().max() < 1e-13, "no writes + retention toward M_0 must stay at M_0"
+    dist = lambda st: (st.w2 - params.w2).norm()
+    assert dist(anchored) < 0.9 * dist(plain), "retention toward M_0 did not pull the state toward M_0"
+    if variant == "selfmod":
+        a4 = inputs["a"][:, :, None].expand(-1, -1, 4, -1, -1)
+        same = run({"a": a4.contiguous()})
+        assert all(torch.allclose(x, y, atol=1e-12) for x, y in zip(same, plain) if x is not None)
+        other = a4.clone()
+        other[:, :, 1] = inputs["a"].flip(1)  # M_v reads another sequence
+        assert (run({"a": other}).w2 - plain.w2).norm() > 1e-3 * plain.w2.norm()
 
 
 @pytest.mark.parametrize("variant", ["selfmod", "titans"])
@@ -283,15 +329,18 @@ def test_no_write_keeps_state(impl, variant):
     assert_rel_close(o, expected, 1e-13, "o_t = M_0(q_t)")
 
 
+@pytest.mark.parametrize("retain_init", [False, True])
 @pytest.mark.parametrize("momentum", [False, True])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_chunk_one_is_sequential_rule(impl, momentum):
+def test_chunk_one_is_sequential_rule(impl, momentum, retain_init):
     """chunk = proj_chunk_size = 1 is the paper's fully sequential rule; written here independently for a
     linear titans memory: G_t = (W_{t-1} k - v) k^T, S_t = gamma S_{t-1} + (1 - gamma) G_t,
-    W_t = W_{t-1} (alpha I - eta k k^T) - eta S_t, o_t = W_t q_t."""
+    W_t = W_{t-1} (alpha I - eta k k^T) - eta S_t (+ (1 - alpha) W_0 with retain_init), o_t = W_t q_t."""
     case = Case(variant="titans", depth=1, momentum=momentum, seq=23)
     q, params, inputs, _ = make_problem(case, batch=1)
-    o, final = hope_memory(q, params, **inputs, output_final_state=True, chunk_size=1, proj_chunk_size=1, impl=impl)
+    inputs["alpha"] = inputs["alpha"] - 0.2  # retention far enough from 1 that the anchor term shows
+    o, final = hope_memory(q, params, **inputs, output_final_state=True, chunk_size=1, proj_chunk_size=1, impl=impl,
+                           retain_init=retain_init)
     k, v, eta, alpha = inputs["k"][0], inputs["v"][0], inputs["eta"][0], inputs["alpha"][0]
     gamma = torch.sigmoid(params.gamma) if momentum else torch.zeros(HEADS, dtype=q.dtype)
     for h in range(HEADS):
@@ -300,6 +349,7 @@ def test_chunk_one_is_sequential_rule(impl, momentum):
             kt, et, at = k[t, h], eta[t, h], alpha[t, h]
             s = gamma[h] * s + (1 - gamma[h]) * torch.outer(w @ kt - v[t, h], kt)
             w = w @ (at * torch.eye(D_H, dtype=q.dtype) - et * torch.outer(kt, kt)) - et * s
+            w = w + (1 - at) * params.w2[0, h] if retain_init else w
             assert_rel_close(o[0, t, h], w @ q[0, t, h], 1e-12, f"o at t={t}, head {h}")
         assert_rel_close(final.w2[0, 0, h], w, 1e-12, f"final W, head {h}")
         if momentum:

@@ -1,11 +1,13 @@
 """The Triton path of the HOPE memory op (kernels/hope_memory/chunk.py, reached through the public
 `hope_memory(..., impl="triton")`, which validates its inputs) against the per-token reference:
 outputs, final state and the gradient of every input, on CPU under the Triton interpreter (float32
-kernels vs the float64 reference), and bf16 on a GPU when one is there. The kernels implement W1's
-gated update, so every comparison runs with w1_delta=False."""
+kernels vs the float64 reference), and bf16 on a GPU when one is there. Every case runs the
+default W1 delta rule (w1_delta=True) unless it names the gated update; momentum cases add a
+per-head gamma and, with a given state, random initial momenta."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +22,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def make_problem(variant="selfmod", depth=2, batch=2, seq=63, heads=2, d_h=16, d_m=None, docs=None,
-                 given_state=False, seed=0):
+                 given_state=False, momentum=False, seed=0):
     """Float64 inputs in a realistic regime (eta about 0.05-0.3, alpha about 0.95-1) so the fast
     weights neither vanish nor blow up and every error stays visible. Returns (q, params,
     inputs, initial_state or None); docs: document lengths packed into one row (batch 1)."""
@@ -40,11 +42,16 @@ def make_problem(variant="selfmod", depth=2, batch=2, seq=63, heads=2, d_h=16, d
         params = MemoryParams(w1, w2)
         inputs = {"k": l2norm(randn(*shape)), "v": l2norm(randn(*shape)),
                   "eta": uniform(0.05, 0.3, *shape[:3]), "alpha": uniform(0.95, 1.0, *shape[:3])}
+    if momentum:
+        params = params._replace(gamma=randn(heads, shift=1.0))
     n_seq = batch if docs is None else len(docs)
     state = None
     if given_state:
         noisy = lambda x: None if x is None else x.expand(n_seq, *x.shape) + randn(n_seq, *x.shape, scale=0.1)
         state = MemoryState(noisy(w1), noisy(w2))
+        if momentum:
+            small = lambda x: None if x is None else randn(n_seq, *x.shape, scale=0.1 / x.shape[-1] ** 0.5)
+            state = state._replace(s1=small(w1), s2=small(w2))
     return l2norm(randn(*shape)), params, inputs, state
 
 
@@ -66,8 +73,7 @@ def forward_backward(impl, dtype, q, params, inputs, state, seed=1, **kwargs):
         leaves = {n: x for n, x in leaves.items() if n not in ("params.w1", "params.w2")}
     for x in leaves.values():
         x.requires_grad_(True)
-    o, final = hope_memory(q, params, **inputs, initial_state=state, output_final_state=True, w1_delta=False,
-                           impl=impl, **kwargs)
+    o, final = hope_memory(q, params, **inputs, initial_state=state, output_final_state=True, impl=impl, **kwargs)
     gen = torch.Generator().manual_seed(seed)
     outs = [o] + [x for x in final if x is not None]
     upstream = [torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x) for x in outs]
@@ -103,8 +109,18 @@ CASES = {  # name: (make_problem kwargs, op kwargs); small enough for the CPU in
                                                                         selfgen=False)),
     "selfmod-packed3-nosg-state": (dict(batch=1, seq=99, heads=1, docs=(21, 37, 41), given_state=True),
                                    dict(chunk_size=16, proj_chunk_size=16, stopgrad_vhat=False)),
+    "selfmod-gated-T40-C8x2": (dict(batch=1, seq=40, heads=1), dict(chunk_size=8, proj_chunk_size=16,
+                                                                     w1_delta=False)),
+    "selfmod-momentum-packed2-state-C8x2": (dict(batch=1, seq=32, heads=1, docs=(13, 19), given_state=True,
+                                                 momentum=True), dict(chunk_size=8, proj_chunk_size=16)),
     "titans-T100-C16-state": (dict(variant="titans", seq=100, given_state=True), dict(chunk_size=16)),
     "titans-depth1-T63-C5x3": (dict(variant="titans", depth=1, heads=1), dict(chunk_size=5, proj_chunk_size=15)),
+    "titans-momentum-T40-C16-state": (dict(variant="titans", seq=40, heads=1, given_state=True, momentum=True),
+                                      dict(chunk_size=16)),
+    "titans-momentum-packed3": (dict(variant="titans", batch=1, seq=63, heads=1, docs=(17, 30, 16), momentum=True),
+                                dict(chunk_size=8, w1_delta=False)),
+    "titans-depth1-momentum": (dict(variant="titans", depth=1, heads=1, seq=40, momentum=True),
+                               dict(chunk_size=8, proj_chunk_size=16)),
 }
 
 
@@ -124,8 +140,8 @@ def test_matches_reference(name):
 @pytest.mark.parametrize("chunk_size,proj_chunk_size", [(1, 2), (3, 9), (16, 16), (32, 64)])
 def test_chunk_lengths_forward(chunk_size, proj_chunk_size):
     """Outputs and final state for chunk lengths below, at and above the 16-row tile."""
-    q, params, inputs, _ = make_problem(batch=1, seq=63, heads=1)
-    kw = dict(output_final_state=True, chunk_size=chunk_size, proj_chunk_size=proj_chunk_size, w1_delta=False)
+    q, params, inputs, _ = make_problem(batch=1, seq=40, heads=1)
+    kw = dict(output_final_state=True, chunk_size=chunk_size, proj_chunk_size=proj_chunk_size)
     o, final = hope_memory(cast(q, torch.float32), cast(params, torch.float32),
                            **{n: cast(x, torch.float32) for n, x in inputs.items()}, **kw, impl="triton")
     o_ref, final_ref = hope_memory(q, params, **inputs, **kw, impl="naive")
@@ -139,7 +155,7 @@ def test_two_segments_equal_one():
     q, params, inputs, _ = make_problem(batch=1, seq=48, heads=1)
     q, params = cast(q, torch.float32), cast(params, torch.float32)
     inputs = {n: cast(x, torch.float32) for n, x in inputs.items()}
-    kw = dict(output_final_state=True, chunk_size=8, proj_chunk_size=16, impl="triton", w1_delta=False)
+    kw = dict(output_final_state=True, chunk_size=8, proj_chunk_size=16, impl="triton")
     o, final = hope_memory(q, params, **inputs, **kw)
     first = {n: x[:, :32] for n, x in inputs.items()}
     second = {n: x[:, 32:] for n, x in inputs.items()}
@@ -166,8 +182,7 @@ def test_16bit_inputs():
 def _triton_problem(**make):
     q, params, inputs, _ = make_problem(**make)
     return dict(q=q.float(), params=cast(params, torch.float32), a=inputs["a"].float(), chunk_size=16,
-                proj_chunk_size=32,
-                w1_delta=False)
+                proj_chunk_size=32)
 
 
 @pytest.mark.parametrize("mutate,error,words", [
@@ -177,10 +192,7 @@ def _triton_problem(**make):
      ValueError, "float32, bfloat16 or float16"),
     (lambda p: p.update(proj_chunk_size=24), ValueError, "multiple of chunk"),
     (lambda p: p.update(a=p["a"][:, :10]), ValueError, r"a \(selfmod, n_mem = 5\) has shape"),
-    (lambda p: p.update(params=p["params"]._replace(gamma=torch.zeros(2))), NotImplementedError,
-     r'params.gamma .* impl="torch"'),
     (lambda p: p.update(cu_seqlens=torch.tensor([0, 10, 63])), ValueError, "B = 1"),
-    (lambda p: p.update(w1_delta=True), NotImplementedError, r"W1's delta rule .* w1_delta=False"),
 ])
 def test_bad_input_is_named(mutate, error, words):
     """The public function's one check covers the Triton limits, naming the argument and the fix."""
@@ -204,11 +216,32 @@ def test_empty_document_is_rejected_as_on_every_path():
 def test_bf16_on_gpu_matches_float32_reference(variant):
     """bf16 kernels vs the float32 reference: outputs <= 5e-3, gradients <= 1e-2 rel RMS. The
     caching allocator is filled with NaN first, so an element the kernels never write shows."""
-    q, params, inputs, _ = make_problem(variant=variant, batch=2, seq=300, heads=4, d_h=64)
+    q, params, inputs, _ = make_problem(variant=variant, batch=2, seq=300, heads=4, d_h=64,
+                                        momentum=variant == "titans")
     poison = torch.full((64 << 20,), float("nan"), device=DEVICE)
     del poison
-    kw = dict(chunk_size=64, proj_chunk_size=128)  # forward_backward runs w1_delta=False
+    kw = dict(chunk_size=64, proj_chunk_size=128)  # the configs' defaults: W1 delta rule, titans with momentum
     got = forward_backward("triton", torch.bfloat16, q, params, inputs, None, **kw)
     want = forward_backward("naive", torch.float32, q, params, inputs, None, **kw)
     assert torch.isfinite(got[0]).all() and all(torch.isfinite(g).all() for g in got[2].values())
     assert_matches(got, want, 5e-3, 1e-2)
+
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml")))
+def test_auto_picks_triton_on_cuda_for_every_config(path):
+    """`model.kernel: auto` reaches the Triton kernels on CUDA for every shipped config with a memory
+    mixer (momentum and W1's delta rule included), and its head width is one the kernels take."""
+    from hope_dist.config import load_config
+
+    cfg = load_config(CONFIGS / path).model
+    if cfg.mixer == "attention":
+        pytest.skip("attention mixer: no memory op")
+    with torch.device("meta"):
+        mixer = cfg.mixer_spec.build(cfg)
+    assert mixer._kernel(torch.device("cuda")) == "triton"
+    d_h = cfg.d_model // cfg.n_heads
+    for d in (d_h, cfg.memory_hidden or d_h):
+        assert d >= 16 and d & (d - 1) == 0, f"{path}: width {d} is not a power of two >= 16"

@@ -79,6 +79,47 @@ def test_two_segments_with_carried_state_equal_one(mixer, momentum):
     torch.testing.assert_close(torch.cat([first, second], dim=1), full, rtol=1e-10, atol=1e-10)
 
 
+OPTIONS = [{"memory_inputs": "per_memory"}, {"memory_inputs": "per_memory_conv"}, {"retain_init": "true"},
+           {"memory_inputs": "per_memory", "retain_init": "true"}]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "+".join(o))
+def test_memory_options_keep_the_contract(options):
+    """docs/model.md section 2.10's options: carried state equals one long call, documents reset, and
+    per-memory inputs give selfmod four input projections (per_memory) or four convolutions of one (_conv)."""
+    model = tiny("selfmod", **options)
+    tok = torch.randint(1, 64, (2, 32))
+    first, state = model(tok[:, :16], return_state=True)
+    second, _ = model(tok[:, 16:], state=state, return_state=True)
+    torch.testing.assert_close(torch.cat([first, second], dim=1), model(tok), rtol=1e-10, atol=1e-10)
+    row = torch.cat([tok[:1, :9], torch.zeros(1, 1, dtype=torch.long), tok[1:, :13]], dim=1)
+    torch.testing.assert_close(model(row, document_segments(row, 0))[:, 10:], model(tok[1:, :13]),
+                               rtol=1e-10, atol=1e-10)
+    mixer, per = model.layers["0"].mixer, {"a_k", "a_v", "a_eta", "a_alpha"}
+    kind = options.get("memory_inputs", "shared")
+    assert set(mixer.proj) == ({*per, "q", "g"} if kind == "per_memory" else {"a", "q", "g"})
+    assert set(mixer.conv) == ({"a", "q"} if kind == "shared" else {*per, "q"})
+
+
+def probe(model, tok) -> dict:
+    mixer = model.layers["0"].mixer
+    mixer.probe_health = True
+    with torch.no_grad():
+        model(tok)
+    return mixer.health
+
+
+def test_probes_show_shared_inputs_ask_for_identity_writes_and_no_write_ablation_stays_at_m0():
+    """kv_cos: with one shared input, k and v of HOPE's near-identity memories point the same way
+    (the diagnosis of docs/RECALL.md); per-memory convolutions separate them. eta_max = 0 with
+    retention toward M_0 (bench_quality's hope-nowrite) leaves every memory exactly at M_0."""
+    tok = torch.randint(1, 64, (1, 32))
+    assert probe(tiny("selfmod"), tok)["kv_cos"] > 0.95
+    assert abs(probe(tiny("selfmod", memory_inputs="per_memory_conv"), tok)["kv_cos"]) < 0.5
+    assert probe(tiny("selfmod", eta_max=0.0, retain_init="true"), tok)["write_rel"] < 1e-6  # probes run in fp32
+    assert probe(tiny("selfmod", eta_max=0.0), tok)["write_rel"] > 0.05  # retention alone decays M_0
+
+
 def test_meta_init_is_finite_and_seeded():
     cfg = load_config("configs/tiny.yaml").model
     torch.manual_seed(3)

@@ -46,8 +46,8 @@ def test_fsdp_units_are_levels_then_blocks_then_ends():
 def test_a_parameter_added_to_the_mixer_fails_when_the_model_is_built(monkeypatch):
     init = MemoryMixer.__init__
 
-    def with_extra(self, c):
-        init(self, c)
+    def with_extra(self, c, **kw):
+        init(self, c, **kw)
         self.scale = nn.Parameter(torch.ones(c.n_heads))
 
     monkeypatch.setattr(MemoryMixer, "__init__", with_extra)

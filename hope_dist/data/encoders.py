@@ -7,7 +7,8 @@ tokens are equal whenever every word's tokens are. Every distinct word of the da
 checked against ``tokenizers`` the first time it is seen; a document holding a word where the two
 disagree is encoded by ``tokenizers`` instead (counted in ``fallback_documents``).
 Special tokens inside document text are encoded as plain text by every engine, so only the
-appended EOD is ever an EOD.
+appended EOD is ever an EOD. Shared by data_prep.tokenize and the evals (JSONL/parquet text is
+tokenized exactly as for training), hence here, below both.
 """
 
 import hashlib
@@ -15,9 +16,8 @@ import importlib.util
 import json
 import os
 
+from hope_dist.data.tokenizer_info import EOD_TOKEN
 from hope_dist.errors import UserError
-
-EOD_TOKEN = "<|endoftext|>"
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 ENGINES = ("auto", "tiktoken", "tokenizers")
 MAX_CACHED_WORDS = 4_000_000  # verified words kept per worker; past that the cache restarts
