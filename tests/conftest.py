@@ -56,6 +56,7 @@ SERIAL_MODULES = {"test_slurm_launch": "slurm", "test_launch_errors": "slurm", "
                   "test_deepspeed": "deepspeed", "test_deepspeed_checkpoint": "deepspeed"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into the node ids
 def pytest_collection_modifyitems(config, items):
     for item in items:
         group = SERIAL_MODULES.get(item.module.__name__.rsplit(".", 1)[-1])
@@ -63,3 +64,14 @@ def pytest_collection_modifyitems(config, items):
             group = "slurm"
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
+
+
+def pytest_collection_finish(session):
+    """On an xdist worker, refuse to run if the groups did not reach the node ids (the SLURM tests would
+    then start two clusters that collide on rendezvous ports)."""
+    if not getattr(session.config.option, "loadgroup", False):
+        return
+    lost = [i.nodeid for i in session.items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
+    if lost:
+        raise pytest.UsageError(f"pytest-xdist's --dist loadgroup did not tag {lost[0]} with its group "
+                                f"(pytest {pytest.__version__}): install the pytest pinned in pyproject.toml")
