@@ -20,7 +20,7 @@ allocated) is what a training step adds: activations, gradients, optimizer state
 back to heap reuse (a fixed 32 MB mmap threshold, its default's ceiling) and `--steps` timed steps
 give the median wall seconds and CPU seconds of the process (tokens per CPU-second is what a
 shared machine barely moves). "HOPE, recompute" is HOPE with the chunked op's per-chunk
-recomputation on (kernels/hope_memory/chunk_torch.py RECOMPUTE), measured for memory only. A
+recomputation on (kernels/hope_memory/torch_chunked.py RECOMPUTE), measured for memory only. A
 second pass (on by default) measures memory at batch 1 (one sequence of each context): how memory
 grows with the context at a fixed batch. Writes `context_scaling.json`, a markdown table
 (`context_scaling.md`) and a plot (`context_scaling.png`) under --out-dir (default docs/).
@@ -110,10 +110,10 @@ def run_one(args) -> dict:
     import torch
     import torch.nn.functional as F
 
-    import kernels.hope_memory.chunk_torch as chunk_torch
+    import kernels.hope_memory.torch_chunked as torch_chunked
     from hope_dist.model import build_model
 
-    chunk_torch.RECOMPUTE = args.model == "hope_rc"
+    torch_chunked.RECOMPUTE = args.model == "hope_rc"
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = matched_configs(args.chunk_size, args.proj_chunk_size)[args.model]

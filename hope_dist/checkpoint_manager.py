@@ -5,6 +5,7 @@ into one DCP state dict and how a resume restores them under any layout (docs/ch
   clock          CMSClock (hope_dist/clock.py): one entry per data-parallel rank, re-split across dp sizes
   rng            RNGState: one entry per global rank
   train          TrainPosition: step, tokens seen and the data stream's position
+  carry          CarriedState (training.carry_state): each global rank's carried fast-weight states
 
 The files themselves (commit marker, manifest, async writes) are hope_dist.checkpoint's Checkpointer.
 """
@@ -18,6 +19,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 
+from hope_dist.carried_state import CarriedState
 from hope_dist.checkpoint import (Checkpointer, CheckpointError, check_model_config, read_meta, stored_keys,
                                   verify_distributed)
 from hope_dist.clock import CMSClock
@@ -42,6 +44,7 @@ class TrainingRun(Protocol):
     clock: CMSClock
     checkpointer: Checkpointer
     data: Any  # the train stream: state_dict / load_state_dict
+    carried: CarriedState | None
     rank: int
     dp_rank: int
     dp_size: int
@@ -130,8 +133,11 @@ class CheckpointManager:
         (DCP dedups replicated entries by key); the LR schedule is a function of the step."""
         t = self.trainer
         model_sd, optim_sd = get_state_dict(t.model, t.optimizer, options=OPTIM_BY_NAME)
-        return {"model": model_sd, "optim": optim_sd, CMSClock.KEY: t.clock.checkpoint_state(t.dp_rank),
-                RNGState.KEY: self.rng.checkpoint_state(), TrainPosition.KEY: self.train.state_dict()}
+        state = {"model": model_sd, "optim": optim_sd, CMSClock.KEY: t.clock.checkpoint_state(t.dp_rank),
+                 RNGState.KEY: self.rng.checkpoint_state(), TrainPosition.KEY: self.train.state_dict()}
+        if t.carried is not None:
+            state[CarriedState.KEY] = t.carried.checkpoint_state()
+        return state
 
     def save(self, meta: dict, skippable: bool = False) -> Path:
         return self.trainer.checkpointer.save(self.trainer.step, self.state(), meta, skippable)
@@ -175,6 +181,8 @@ class CheckpointManager:
         has_rng = self.rng.stored_in(keys)
         if not has_rng:
             state.pop(RNGState.KEY)
+        if t.carried is not None:
+            state[CarriedState.KEY] = t.carried.load_target(keys)
         t.checkpointer.load(path, state)
         set_state_dict(t.model, t.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"], options=OPTIM_BY_NAME)
@@ -182,6 +190,8 @@ class CheckpointManager:
         if has_rng:
             self.rng.load_checkpoint_state(state[RNGState.KEY])
         self.train.load_state_dict(state[TrainPosition.KEY])
+        if t.carried is not None:
+            t.carried.load_checkpoint_state(state[CarriedState.KEY], meta.get("carry_layout"))
         if t.rank == 0:
             layout = f" (saved under dp={saved_dp}, now dp={t.dp_size})" if saved_dp != t.dp_size else ""
             log.info("resumed from %s at step %d%s", path, t.step, layout)

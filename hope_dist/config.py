@@ -223,6 +223,9 @@ class TrainingConfig:
     """what a non-finite loss does: stop the run, or skip the step"""
     reset_state_at_eod: bool = True
     """the memories start afresh at every document of a packed row"""
+    carry_state: bool = False
+    """hand each row's fast-weight state to the next step: the data is read in lanes, so a row's next
+    segment continues its documents (truncated BPTT, one segment; recurrent mixers, one dataset)"""
     device_memory_gb: float | None = None
     """memory per device the job must fit in, checked before the first step (docs/memory.md); null: the
     CUDA device's total, no check on CPU; 0: no check"""
@@ -391,6 +394,21 @@ def _validate_cms_in_context(m: ModelConfig, seq_len: int) -> None:
                           "e.g. model.cms=[{width: 64, period: 1, chunk_size: 64}, ...]")
 
 
+def _validate_carry_state(cfg: JobConfig) -> None:
+    if not cfg.training.carry_state:
+        return
+    if not cfg.model.mixer_spec.recurrent:
+        raise ConfigError(f"training.carry_state=true needs a recurrent model.mixer (one of "
+                          f"{[n for n, s in MIXERS.items() if s.recurrent]}), got {cfg.model.mixer!r}: "
+                          f"its state is a KV cache that grows with the context; set training.carry_state=false")
+    if len(cfg.data.paths) > 1:
+        raise ConfigError(f"training.carry_state=true reads one dataset in lanes, but data.paths holds "
+                          f"{len(cfg.data.paths)}: tokenize them into one dataset or set training.carry_state=false")
+    if cfg.parallel.engine != "native":
+        raise ConfigError("training.carry_state=true needs parallel.engine=native: DeepSpeed's checkpoints do not "
+                          "hold the carried states; set parallel.engine=native or training.carry_state=false")
+
+
 def _validate_engine(cfg: JobConfig) -> None:
     """parallel.engine=deepspeed: the layouts and settings the DeepSpeed path keeps the clocks' guarantees in."""
     p = cfg.parallel
@@ -473,6 +491,7 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(
             f"model.proj_chunk_size={m.proj_chunk_size} must be a multiple of model.chunk_size={m.chunk_size}")
     _validate_cms_in_context(m, cfg.training.seq_len)
+    _validate_carry_state(cfg)
     _validate_layout(cfg)
     _validate_engine(cfg)
     d, e = cfg.data, cfg.eval

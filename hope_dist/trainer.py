@@ -27,6 +27,7 @@ import torch.distributed as dist
 import yaml
 
 from hope_dist.checkpoint import Checkpointer, committed_steps
+from hope_dist.carried_state import CarriedState, layout_of
 from hope_dist.checkpoint_manager import CheckpointManager
 from hope_dist.clock import CMSClock, build_clock_groups
 from hope_dist.config import JobConfig, OptimConfig
@@ -44,7 +45,7 @@ from hope_dist.parallel.mesh import build_mesh, check_world_size
 from hope_dist.parallel.parallelize import parallelize
 from hope_dist.parallel.process_group import init_default_group
 from hope_dist.parallel.tensor_parallel import loss_context
-from kernels.hope_memory import chunk_torch
+from kernels.hope_memory import torch_chunked
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
@@ -79,7 +80,7 @@ class Trainer:
             torch.cuda.set_device(self.device)
         mp = t.mixed_precision
         self.amp_dtype = torch.bfloat16 if mp == "bf16" or (mp == "auto" and self.device.type == "cuda") else None
-        chunk_torch.RECOMPUTE = cfg.parallel.memory_op_recompute  # the memory op's per-chunk recompute
+        torch_chunked.RECOMPUTE = cfg.parallel.memory_op_recompute  # the memory op's per-chunk recompute
         if self.rank == 0:  # the same estimate on every rank; rank 0's refusal ends the job (docs/memory.md)
             check_memory(cfg, self.device, self.amp_dtype)
         torch.manual_seed(t.seed)
@@ -87,12 +88,15 @@ class Trainer:
         self.data = build_train_stream(cfg.data.paths, cfg.data.weights, seq_len=t.seq_len,
                                        global_batch=t.global_batch, dp_rank=self.dp_rank,
                                        dp_size=self.dp_size, seed=t.seed, eod_id=cfg.data.eod_id,
-                                       tokenizer=cfg.data.tokenizer, valid_fraction=cfg.data.valid_fraction)
+                                       tokenizer=cfg.data.tokenizer, valid_fraction=cfg.data.valid_fraction,
+                                       lanes=t.carry_state)
         if self.data.vocab_size > cfg.model.vocab_size:
             raise DataError(
                 f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "
                 f"({self.data.vocab_size}); set --model.vocab_size={self.data.vocab_size} or larger")
         self.eod_id = self.data.eod_id if t.reset_state_at_eod else None
+        self.carried = CarriedState(self.rank, self.eod_id, self.device, layout_of(cfg, self.dp_size)) \
+            if t.carry_state else None  # the rows' state from one step to the next
         self.valid = None
         if cfg.eval.every > 0:
             self.valid = build_validation_set(cfg.data.paths, cfg.data.valid_paths, cfg.data.valid_fraction,
@@ -154,7 +158,8 @@ class Trainer:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "git_commit": git_commit(),
                 "next_lr": lr_at(self.step, self.cfg.optim, self.cfg.training.steps),
                 "layout": {"dp": self.dp_size, "tp": p.tp, "pp": p.pp}, "world_size": self.world,
-                "torch": torch.__version__, "config": self.cfg.to_dict()}
+                "torch": torch.__version__, "config": self.cfg.to_dict(),
+                **({"carry_layout": self.carried.layout} if self.carried is not None else {})}
 
     def save(self, skippable: bool = False) -> Path:
         return self.engine.save(self.training_state, self._meta(), skippable)
@@ -167,16 +172,25 @@ class Trainer:
     def _request_stop(self, signum, _frame) -> None:
         self._stop_signal = signal.Signals(signum).name
 
-    def _forward_loss(self, tokens: torch.Tensor, labels: torch.Tensor, backward: bool = True) -> torch.Tensor:
-        """Token-sum loss of one micro-batch (zero off the last pipeline stage), and its backward."""
-        def segments(t):
-            return document_segments(t, self.eod_id) if self.eod_id is not None else None
+    def _forward_loss(self, tokens: torch.Tensor, labels: torch.Tensor, backward: bool = True,
+                      key: str | None = None, carry: torch.Tensor | None = None) -> torch.Tensor:
+        """Token-sum loss of one micro-batch (zero off the last pipeline stage), and its backward.
+        key: where this micro-batch's carried state lives (training.carry_state); carry: its rows'
+        continuation mask (CarriedState.carry_mask)."""
+        def segments(t, c=None):
+            return document_segments(t, self.eod_id, c) if self.eod_id is not None or c is not None else None
 
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
             if self.parallel.pipeline is not None:  # every stage's forward (and backward)
-                return self.parallel.pipeline.step(tokens, labels, segments, backward)
-            logits = self.engine.module(tokens, segments(tokens))
+                carried = (self.carried, key, carry) if key is not None else None
+                return self.parallel.pipeline.step(tokens, labels, segments, backward, carried)
+            if key is None:
+                logits = self.engine.module(tokens, segments(tokens))
+            else:
+                logits, state = self.engine.module(tokens, segments(tokens, carry), state=self.carried.get(key),
+                                                   return_state=True)
+                self.carried.put(key, state)
         loss = self.parallel.loss(logits, labels)  # token sum; vocab-parallel under tp
         if backward:
             self.engine.backward(loss)
@@ -220,8 +234,14 @@ class Trainer:
         for mixer in self.mixers.values():
             mixer.probe_health = probe
         with loss_context(self.parallel.tp_mesh):
-            for tok, lab in zip(tokens.split(cfg.training.micro_batch), labels.split(cfg.training.micro_batch)):
-                loss_sum += self._forward_loss(tok, lab)
+            mb = cfg.training.micro_batch
+            if self.carried is None:
+                for tok, lab in zip(tokens.split(mb), labels.split(mb)):
+                    loss_sum += self._forward_loss(tok, lab)
+            else:
+                carry = self.carried.carry_mask(batch["prev"].to(self.device)).split(mb)
+                for i, (tok, lab) in enumerate(zip(tokens.split(mb), labels.split(mb))):
+                    loss_sum += self._forward_loss(tok, lab, key=f"m{i}", carry=carry[i])
         loss_sum = self.faults.loss(loss_sum, self.step, last_replica=self.dp_rank == self.dp_size - 1)
         stats = self._global_sums(loss_sum, labels.numel())
         step_tokens = int(stats[1].item())
@@ -251,6 +271,8 @@ class Trainer:
         """Drop this step's gradients (a skipped step); the clock's windows stay."""
         self.engine.discard()
         self.sync.discard()  # gradients a sharded data-parallel layer still holds
+        if self.carried is not None:  # the skipped step's states may be non-finite: rows start afresh
+            self.carried.states.clear()
 
     def _update(self, step: int, step_tokens: int, lr: float) -> tuple[list, dict[str, int], float]:
         """Steps 2-4 of the module docstring; returns (ticking groups, bytes reduced by group, grad norm)."""

@@ -56,8 +56,13 @@ SERIAL_MODULES = {"test_slurm_launch": "slurm", "test_launch_errors": "slurm", "
                   "test_deepspeed": "deepspeed", "test_deepspeed_checkpoint": "deepspeed"}
 
 
+# Started first, so that no worker is left running one of them alone at the end (longest first).
+LONG_TESTS = ("test_tiny_hope_learns_the_stdlib", "test_gpu_check_dry_run_writes_every_row")
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into the node ids
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: (item.originalname not in LONG_TESTS, "slow" not in item.keywords))
     for item in items:
         group = SERIAL_MODULES.get(item.module.__name__.rsplit(".", 1)[-1])
         if group is None and "cluster" in item.fixturenames:  # any other test on the SLURM cluster

@@ -5,6 +5,10 @@ document boundary), cuts the stream into samples of ``seq_len + 1`` tokens that 
 (sample ``s`` covers tokens ``[s*seq_len, (s+1)*seq_len]``), and shuffles the samples. The tail
 shorter than a sample is dropped. Sample ``i`` of the never-ending stream is sample
 ``i % per_epoch`` of epoch ``i // per_epoch``, so any position is reachable without replay.
+
+With ``lanes = G`` (training.carry_state) the samples are not shuffled: the epoch's stream is cut into G
+lanes of equal length and global sample ``j = s*G + b`` is step s of lane b, so row b of consecutive
+global batches reads consecutive segments of the same documents.
 """
 
 import logging
@@ -21,13 +25,18 @@ class DatasetSamples:
     """docs: the document indices this stream draws from (None: all; a validation split removes its
     held-out documents here)."""
 
-    def __init__(self, data: TokenFile, seq_len: int, seed: int, stream_id: int, docs: np.ndarray | None = None):
+    def __init__(self, data: TokenFile, seq_len: int, seed: int, stream_id: int, docs: np.ndarray | None = None,
+                 lanes: int = 0):
         self.data, self.seq_len, self.seed, self.stream_id = data, seq_len, seed, stream_id
         self.docs = np.arange(data.num_documents) if docs is None else docs
+        self.lanes = lanes
         num_tokens = int(data.doc_len[self.docs].sum())
         self.per_epoch = (num_tokens - 1) // seq_len
+        if lanes:  # whole lanes only; a lane holds per_epoch // lanes consecutive samples
+            self.per_epoch -= self.per_epoch % lanes
         if self.per_epoch < 1:
-            raise DataError(f"{data.prefix} holds {num_tokens} training tokens, fewer than one sample "
+            need = f"{lanes} samples (a lane per row of training.global_batch)" if lanes else "one sample"
+            raise DataError(f"{data.prefix} holds {num_tokens} training tokens, fewer than {need} "
                             f"of training.seq_len + 1 = {seq_len + 1}; use a shorter seq_len or more data")
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
@@ -37,7 +46,7 @@ class DatasetSamples:
             docs = self.docs[rng.permutation(len(self.docs))]
             ends = np.zeros(len(docs) + 1, dtype=np.int64)
             np.cumsum(self.data.doc_len[docs], out=ends[1:])
-            order = rng.permutation(self.per_epoch)
+            order = self._lane_order() if self.lanes else rng.permutation(self.per_epoch)
             if len(self._epochs) >= 2:
                 self._epochs.pop(min(self._epochs))
             self._epochs[e] = (docs, ends, order)
@@ -46,12 +55,27 @@ class DatasetSamples:
                             self.data.prefix, e)
         return self._epochs[e]
 
+    def _lane_order(self) -> np.ndarray:
+        """Sample j = s*G + b of an epoch is stream sample b*L + s (lane b, step s; L samples a lane)."""
+        j = np.arange(self.per_epoch)
+        return (j % self.lanes) * (self.per_epoch // self.lanes) + j // self.lanes
+
+    def previous_token(self, i: int) -> int:
+        """With lanes: the token before sample ``i`` in its lane (the last input the same row saw a step
+        earlier), or -1 where the lane starts (the first step of an epoch)."""
+        e, j = divmod(i, self.per_epoch)
+        if j < self.lanes:
+            return -1
+        return int(self._read(e, int(self._epoch(e)[2][j]) * self.seq_len - 1, 1)[0])
+
     def __getitem__(self, i: int) -> np.ndarray:
         """The ``seq_len + 1`` tokens of stream sample ``i`` as int64."""
         e, j = divmod(i, self.per_epoch)
-        docs, ends, order = self._epoch(e)
-        n = self.seq_len + 1
-        pos = int(order[j]) * self.seq_len
+        return self._read(e, int(self._epoch(e)[2][j]) * self.seq_len, self.seq_len + 1)
+
+    def _read(self, e: int, pos: int, n: int) -> np.ndarray:
+        """Tokens [pos, pos + n) of epoch e's concatenated documents."""
+        docs, ends, _ = self._epoch(e)
         d = int(np.searchsorted(ends, pos, side="right")) - 1
         out = np.empty(n, dtype=np.int64)
         filled = 0

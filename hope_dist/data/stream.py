@@ -4,6 +4,10 @@ The global stream is fixed by the datasets, weights, ``seq_len`` and ``seed`` al
 ``s`` takes samples ``[s*gb, (s+1)*gb)`` of it and data-parallel rank ``r`` the contiguous slice
 ``[r*gb/dp, (r+1)*gb/dp)``, so ranks see disjoint samples whose union is the dp=1 batch, and the
 only resume state is the number of global samples consumed, whatever the dp size was.
+
+With ``lanes`` (training.carry_state) row b of every global batch is lane b of the dataset
+(samples.py), and each batch also carries ``prev``: the token before each row in its lane (-1 at a
+lane's start), from which the trainer decides whether a row continues the state it carried.
 """
 
 import logging
@@ -34,6 +38,7 @@ class TrainStream:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.eod_id, self.vocab_size = eod_id, vocab_size
         self.consumed_samples = 0
+        self.lanes = datasets[0].lanes
         self.schedule = BlendSchedule(weights, seed, [d.data.prefix for d in datasets]) \
             if len(datasets) > 1 else None
 
@@ -52,7 +57,10 @@ class TrainStream:
             self._out_of_vocabulary(first, rows)
         batch = torch.from_numpy(rows)
         self.consumed_samples += self.global_batch
-        return {"tokens": batch[:, :-1].contiguous(), "labels": batch[:, 1:].contiguous()}
+        out = {"tokens": batch[:, :-1].contiguous(), "labels": batch[:, 1:].contiguous()}
+        if self.lanes:
+            out["prev"] = torch.tensor([self.datasets[0].previous_token(j) for j in range(first, first + local)])
+        return out
 
     def _out_of_vocabulary(self, first: int, rows: np.ndarray) -> None:
         """An id past the vocabulary would fail as an index error deep inside the embedding (or
@@ -66,7 +74,8 @@ class TrainStream:
 
     def _identity(self) -> dict:
         return {"paths": [d.data.prefix for d in self.datasets], "weights": list(self.weights),
-                "seq_len": self.seq_len, "seed": self.seed}
+                "seq_len": self.seq_len, "seed": self.seed,
+                "lanes": self.lanes}
 
     def state_dict(self) -> dict:
         return {"consumed_samples": self.consumed_samples, **self._identity()}
@@ -82,8 +91,9 @@ class TrainStream:
 def build_train_stream(paths: list[str], weights: list[float] | None, *, seq_len: int,
                        global_batch: int, dp_rank: int, dp_size: int, seed: int,
                        eod_id: int | None = None, tokenizer: str | None = None,
-                       valid_fraction: float = 0.0) -> TrainStream:
-    """Open the datasets and check every argument; errors say which one and how to fix it."""
+                       valid_fraction: float = 0.0, lanes: bool = False) -> TrainStream:
+    """Open the datasets and check every argument; errors say which one and how to fix it. lanes: one
+    lane per row of the global batch (training.carry_state)."""
     if isinstance(paths, (str, os.PathLike)) or not paths:
         raise DataError(f"data.paths must be a non-empty list of dataset prefixes (PREFIX of PREFIX.bin/.idx), "
                         f"got {paths!r}")
@@ -100,14 +110,19 @@ def build_train_stream(paths: list[str], weights: list[float] | None, *, seq_len
     if global_batch % dp_size:
         raise DataError(f"global_batch {global_batch} is not divisible by the data-parallel size "
                         f"{dp_size}; choose a global batch that is a multiple of {dp_size}")
+    if lanes and len(paths) > 1:
+        raise DataError(f"training.carry_state=true reads one dataset in lanes, but data.paths holds {len(paths)}: "
+                        f"a blend would switch a row between datasets mid-document; tokenize them into one "
+                        f"dataset or set training.carry_state=false")
     files = [TokenFile(p) for p in paths]
     if weights is None:  # plain concatenation: each dataset in proportion to its size
         weights = [float(f.num_tokens) for f in files]
     if valid_fraction > 0:  # the held-out documents (data/validation.py) never enter training
-        datasets = [DatasetSamples(f, seq_len, seed, k, split_documents(f.num_documents, valid_fraction)[0])
-                    for k, f in enumerate(files)]
+        datasets = [DatasetSamples(f, seq_len, seed, k, split_documents(f.num_documents, valid_fraction)[0],
+                                   lanes=global_batch if lanes else 0) for k, f in enumerate(files)]
     else:
-        datasets = [DatasetSamples(f, seq_len, seed, k) for k, f in enumerate(files)]
+        datasets = [DatasetSamples(f, seq_len, seed, k, lanes=global_batch if lanes else 0)
+                    for k, f in enumerate(files)]
 
     vocab_size, tok_eod = tokenizer_info(tokenizer) if tokenizer else (None, None)
     if vocab_size is None:

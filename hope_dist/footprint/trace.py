@@ -27,7 +27,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from hope_dist.config import ModelConfig
 from hope_dist.model import HopeModel
 from hope_dist.parallel.parallelize import apply_activation_checkpointing
-from kernels.hope_memory import chunk_torch
+from kernels.hope_memory import torch_chunked
 
 
 class LiveBytes(TorchDispatchMode):
@@ -61,13 +61,13 @@ class LiveBytes(TorchDispatchMode):
 
 @contextlib.contextmanager
 def op_recompute(enabled: bool):
-    """The chunked memory op's per-chunk recompute (kernels/hope_memory/chunk_torch.py), for this block only."""
-    before = chunk_torch.RECOMPUTE
-    chunk_torch.RECOMPUTE = enabled
+    """The chunked memory op's per-chunk recompute (kernels/hope_memory/torch_chunked.py), for this block only."""
+    before = torch_chunked.RECOMPUTE
+    torch_chunked.RECOMPUTE = enabled
     try:
         yield
     finally:
-        chunk_torch.RECOMPUTE = before
+        torch_chunked.RECOMPUTE = before
 
 
 @dataclasses.dataclass(frozen=True)

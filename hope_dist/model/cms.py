@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hope_dist.config import CMSLevel, ModelConfig
+from hope_dist.model.carry import zero_rows
 from hope_dist.model.norms import RMSNorm
 from hope_dist.model.segments import Segments
 from kernels.cms_in_context import CMSState, cms_in_context
@@ -60,6 +61,8 @@ class CMSLevelBlock(nn.Module):
         h = F.silu(self.mlp.gate(x)) * self.mlp.up(x)
         y_slow = self.mlp.down(h)
         seg = segs.seg if segs is not None and segs.cu_seqlens is not None else None
+        if state is not None:  # rows that start afresh start from zero (model/carry.py)
+            state = CMSState(*(zero_rows(x, segs) for x in state))
         y_fast, new_state = cms_in_context(h, y_slow, z, chunk_size=self.chunk_size, lr=self.inner_lr, seg=seg,
                                            initial_state=state, stopgrad_writes=self.stopgrad_writes,
                                            impl=self.kernel, group=self.tp_group)

@@ -27,12 +27,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from hope_dist.config import ModelConfig
+from hope_dist.model.carry import end_states, row_documents, start_states, zero_rows
 from hope_dist.model.conv import CausalConv
 from hope_dist.model.memory_health import longest_document, memory_health
 from hope_dist.model.norms import RMSNorm
 from hope_dist.model.plan_types import ParamPlan, linear_plan, projections_plan
 from hope_dist.model.segments import Segments
 from kernels.hope_memory import hope_memory, l2norm
+from kernels.hope_memory.common import initial_memory_state
 from kernels.hope_memory.types import MemoryParams
 
 
@@ -162,7 +164,7 @@ class MemoryMixer(nn.Module):
         back the fast-weight and conv state to carry into the next segment."""
         B, T, _ = x.shape
         dh = self.head_dim
-        conv_cache = state["conv"] if state is not None else {}
+        conv_cache = {n: zero_rows(c, segs) for n, c in state["conv"].items()} if state is not None else {}
         new_conv = {}
         feats = {}
         seg = segs.seg if segs is not None else None
@@ -207,16 +209,19 @@ class MemoryMixer(nn.Module):
         q, kwargs = q.to(torch.promote_types(q.dtype, torch.float32)), {
             k: v.to(torch.promote_types(v.dtype, torch.float32)) for k, v in kwargs.items()}
         params = MemoryParams(*(p.to(q.dtype) if p is not None else None for p in self._params()))
+        docs = row_documents(segs, B, T, q.device) if state is not None or return_state else None
+        initial = None
+        if state is not None:  # the rows' carried states where they continue (model/carry.py)
+            fresh = initial_memory_state(params, docs.row.shape[0])
+            initial = start_states(state["memory"], fresh, docs)
         if segs is not None and segs.cu_seqlens is not None:
-            if state is not None or return_state:
-                raise ValueError("carrying fast-weight state across calls is not supported together "
-                                 "with document resets inside the batch; pass one document per row")
             flat = {k: v.reshape(1, B * T, *v.shape[2:]) for k, v in kwargs.items()}
             # host offsets and max_seqlen made once per batch (segments.py): no sync in here
-            o, _ = hope_memory(q.reshape(1, B * T, *q.shape[2:]), params, cu_seqlens=segs.cu_seqlens,
-                               cu_seqlens_cpu=segs.cu_seqlens_cpu, max_seqlen=segs.max_seqlen,
-                               **flat, **common)
-            return o.view(B, T, *o.shape[2:]), None
-        initial = state["memory"] if state is not None else None
-        return hope_memory(q, params, initial_state=initial, output_final_state=return_state,
-                           **kwargs, **common)
+            o, final = hope_memory(q.reshape(1, B * T, *q.shape[2:]), params, cu_seqlens=segs.cu_seqlens,
+                                   cu_seqlens_cpu=segs.cu_seqlens_cpu, max_seqlen=segs.max_seqlen,
+                                   initial_state=initial, output_final_state=return_state, **flat, **common)
+            o = o.view(B, T, *o.shape[2:])
+        else:
+            o, final = hope_memory(q, params, initial_state=initial, output_final_state=return_state,
+                                   **kwargs, **common)
+        return o, (end_states(final, docs) if return_state else None)

@@ -88,15 +88,24 @@ def describe_split(model: HopeModel, split: list[list[int]], pp: int) -> str:
 
 class _StageView(nn.Module):
     """One stage for PipelineStage: runs `part` (a view of the rank's model) with the document
-    segments queued for its microbatches."""
+    segments queued for its microbatches and, under training.carry_state, the key of each one's
+    carried state in `store` (hope_dist/carried_state.py: this stage's layers' state)."""
 
     def __init__(self, part: HopeModel):
         super().__init__()
         self.part = part
         self.segs: deque = deque()
+        self.keys: deque = deque()
+        self.store = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.part(x, self.segs.popleft() if self.segs else None)
+        segs = self.segs.popleft() if self.segs else None
+        key = self.keys.popleft() if self.keys else None
+        if key is None:
+            return self.part(x, segs)
+        out, state = self.part(x, segs, state=self.store.get(key), return_state=True)
+        self.store.put(key, state)
+        return out
 
 
 def _view(model: HopeModel, layers: list[int], first: bool, last: bool) -> HopeModel:
@@ -135,7 +144,7 @@ class Pipeline:
 
     def __init__(self, views: list[_StageView], stage_ids: list[int], n_stages: int, cfg: JobConfig,
                  device: torch.device, group, loss_fn, logits_dtype: torch.dtype):
-        self.views = views
+        self.views, self.stage_ids = views, stage_ids
         self.n_micro = cfg.parallel.pp_microbatches
         self.first = 0 in stage_ids
         self.last = n_stages - 1 in stage_ids
@@ -155,15 +164,21 @@ class Pipeline:
         arg = stages if cls is ScheduleInterleaved1F1B else stages[0]
         self.schedule = cls(arg, self.n_micro, loss_fn=loss_fn, scale_grads=False)
 
-    def step(self, tokens: torch.Tensor, labels: torch.Tensor, segs_of, backward: bool = True) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, labels: torch.Tensor, segs_of, backward: bool = True,
+             carried: tuple | None = None) -> torch.Tensor:
         """Forward+backward (or forward only) `tokens` in `n_micro` microbatches; returns this rank's
-        loss sum (zero off the last stage). segs_of(tokens) -> Segments or None, per microbatch."""
-        for view in self.views:
-            view.segs.extend(segs_of(t) for t in tokens.tensor_split(self.n_micro))
+        loss sum (zero off the last stage). segs_of(tokens, carry) -> Segments or None, per microbatch.
+        carried: (CarriedState, the micro-batch's key, its rows' carry mask) under training.carry_state."""
+        masks = carried[2].tensor_split(self.n_micro) if carried else [None] * self.n_micro
+        for view, stage in zip(self.views, self.stage_ids):
+            view.segs.extend(segs_of(t, m) for t, m in zip(tokens.tensor_split(self.n_micro), masks))
+            if carried:
+                view.store = carried[0]
+                view.keys.extend(f"{carried[1]}.s{stage}.p{j}" for j in range(self.n_micro))
         losses: list[torch.Tensor] = []
         args = (tokens,) if self.first else ()
         kwargs = {"target": labels, "losses": losses} if self.last else {}
         (self.schedule.step if backward else self.schedule.eval)(*args, **kwargs)
-        if any(view.segs for view in self.views):
+        if any(view.segs or view.keys for view in self.views):
             raise RuntimeError("a pipeline stage ran fewer forwards than microbatches")
         return torch.stack(losses).sum().detach() if losses else torch.zeros((), device=tokens.device)

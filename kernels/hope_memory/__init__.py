@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from .chunk_torch import chunk_torch_hope_memory
+from .torch_chunked import torch_chunked_hope_memory
 from .common import l2norm
 from .naive import naive_hope_memory
 from .types import MEMORY_NAMES, MemoryParams, MemoryState
@@ -106,7 +106,7 @@ def hope_memory(
     if impl == "naive":
         kwargs["cu_seqlens"] = _host_offsets(cu_seqlens, cu_seqlens_cpu)
         return _run_torch(naive_hope_memory, q, params, {n: x for n, x in kwargs.items() if n != "max_seqlen"})
-    return _run_torch(chunk_torch_hope_memory, q, params, kwargs)
+    return _run_torch(torch_chunked_hope_memory, q, params, kwargs)
 
 
 def _host_offsets(cu_seqlens, cu_seqlens_cpu):

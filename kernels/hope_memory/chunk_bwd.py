@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 
 from kernels.hope_memory.chunk_fwd import chunk_launch, kernel_meta, memory_groups, new_tape
-from kernels.hope_memory.triton_bwd import chunk_bwd_kernel
-from kernels.hope_memory.triton_proj_bwd import proj_read_bwd_kernel
-from kernels.hope_memory.triton_readout import read_grad_size, readout_bwd_kernel
+from kernels.hope_memory.chunk_bwd_kernel import chunk_bwd_kernel
+from kernels.hope_memory.proj_read_bwd_kernel import proj_read_bwd_kernel
+from kernels.hope_memory.readout_kernel import read_grad_size, readout_bwd_kernel
 
 
 def _zeros_or(x, like):

@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 import triton
 
-from kernels.hope_memory.triton_common import tape_size
-from kernels.hope_memory.triton_fwd import chunk_fwd_kernel
-from kernels.hope_memory.triton_proj import proj_read_fwd_kernel
-from kernels.hope_memory.triton_readout import readout_fwd_kernel
+from kernels.hope_memory.triton_utils import tape_size
+from kernels.hope_memory.chunk_fwd_kernel import chunk_fwd_kernel
+from kernels.hope_memory.proj_read_fwd_kernel import proj_read_fwd_kernel
+from kernels.hope_memory.readout_kernel import readout_fwd_kernel
 
 
 def dot_precision(q: torch.Tensor) -> str:
@@ -41,7 +41,7 @@ def memory_groups(n_mem: int):
 
 
 def new_tape(q: torch.Tensor, meta: dict, N: int, H: int, n_mem: int) -> torch.Tensor:
-    """Scratch for one launch group's tapes (`triton_common.tape_slots`), reused every chunk."""
+    """Scratch for one launch group's tapes (`triton_utils.tape_slots`), reused every chunk."""
     rows = max(1, n_mem - 1) * N * H
     return q.new_empty(rows * tape_size(meta["BC"], meta["DH"], meta["DM"]), dtype=torch.float32)
 

@@ -1,7 +1,7 @@
 """Definitions both PyTorch paths of the HOPE memory op share (docs/model.md section 2).
 
 Each is part of the op's contract, written once so that the per-token reference (naive.py) and the
-chunked path (chunk_torch.py) cannot drift apart: the internal token layout, `l2norm`, a memory's
+chunked path (torch_chunked.py) cannot drift apart: the internal token layout, `l2norm`, a memory's
 forward map M(z), the self-modifying projections (k, v, eta, alpha from the projection memories)
 and the state a sequence starts from. Internal layout: token tensors are (B, 1, H, T, ...) and
 states (B, n_mem, H, ., .), so one memory axis broadcasts over all memories.

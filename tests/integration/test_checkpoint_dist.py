@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hope_dist.checkpoint import read_flat, read_model
+from hope_dist.checkpoint import read_flat, read_model, stored_keys
 from hope_dist.config import load_config
 from hope_dist.trainer import Trainer
 
@@ -66,11 +66,14 @@ def test_mesh_dp2_tp2_resume_is_bit_exact(random_dataset, tmp_path, mesh_run):
 
 
 def test_pp2_resume_is_bit_exact(random_dataset, tmp_path):
+    """With training.carry_state, so each stage's carried states (per microbatch) resume too."""
     prefix, vocab, eod = random_dataset
     full = tmp_path / "full"
-    torchrun(2, tiny_overrides(prefix, vocab, eod, full, **PP2))
+    pp2 = {**PP2, "training.carry_state": True}
+    torchrun(2, tiny_overrides(prefix, vocab, eod, full, **pp2))
+    assert {"carry.rank0", "carry.rank1"} <= stored_keys(full / "checkpoints" / "step-3")
     resumed = tmp_path / "resumed"
-    resume_matches(full, resumed, 2, tiny_overrides(prefix, vocab, eod, resumed, **PP2))
+    resume_matches(full, resumed, 2, tiny_overrides(prefix, vocab, eod, resumed, **pp2))
 
 
 def test_mesh_checkpoint_resumes_under_dp1(random_dataset, tmp_path, mesh_run):

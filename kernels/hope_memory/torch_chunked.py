@@ -346,7 +346,7 @@ def _unpack(x, idx, valid):
     return torch.where(valid.view(*valid.shape, *([1] * (out.dim() - 2))), out, 0.0)
 
 
-def chunk_torch_hope_memory(q, params: MemoryParams, *, a=None, k=None, v=None, eta=None, alpha=None,
+def torch_chunked_hope_memory(q, params: MemoryParams, *, a=None, k=None, v=None, eta=None, alpha=None,
                             initial_state: MemoryState | None = None, output_final_state: bool = False,
                             cu_seqlens=None, max_seqlen: int | None = None, chunk_size: int = 64,
                             proj_chunk_size: int = 64, eta_max: float = 1.0, selfgen: bool = True,

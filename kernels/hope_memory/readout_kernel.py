@@ -1,6 +1,6 @@
 """M_o's read-out o = q + W1_t silu(W2_t q) (depth 2; W2_t q at depth 1), forward and backward, as
 kernels of their own after M_o's chunk kernel. They read the chunk's solved rows from the tape
-(`triton_common.tape_slots`) instead of solving again, so no kernel holds the solves, the read-out
+(`triton_utils.tape_slots`) instead of solving again, so no kernel holds the solves, the read-out
 and the weights' backward at once: together they need more shared memory than an H100 block has
 (docs/triton.md, bench/triton_smem_check.py). Each tile is loaded next to its use for the same
 reason: Triton keeps a tile's shared-memory copy from its load to its last use."""
@@ -9,7 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.hope_memory.triton_common import (
+from kernels.hope_memory.triton_utils import (
     chunk_range,
     dsilu,
     load_matrix,
@@ -20,9 +20,9 @@ from kernels.hope_memory.triton_common import (
     store_tokens,
     tape_slots,
 )
-from kernels.hope_memory.triton_delta import chunk_coefficients, delta_read
-from kernels.hope_memory.triton_delta_bwd import delta_read_bwd
-from kernels.hope_memory.triton_fwd import load_momentum
+from kernels.hope_memory.wy_fast import chunk_coefficients, delta_read
+from kernels.hope_memory.wy_fast_bwd import delta_read_bwd
+from kernels.hope_memory.chunk_fwd_kernel import load_momentum
 
 
 def read_grad_size(BC: int, DH: int, DM: int) -> int:

@@ -1,4 +1,4 @@
-"""Backward of triton_delta.py: the gradients of one weight's chunk (reads, chunk-end state and
+"""Backward of wy_fast.py: the gradients of one weight's chunk (reads, chunk-end state and
 the UT solve, whose adjoint is a back substitution with (I + A)^T) and of the coefficients P, D,
 c, ... back to eta, alpha and log gamma. Each function returns fresh gradients; the kernel sums
 them over W2 and W1, which share the coefficients."""
@@ -7,9 +7,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.hope_memory.triton_common import chunk_decay, masked_exp
-from kernels.hope_memory.triton_delta import momentum_decay
-from kernels.hope_memory.triton_solve_tril import backward_substitution
+from kernels.hope_memory.triton_utils import chunk_decay, masked_exp
+from kernels.hope_memory.wy_fast import momentum_decay
+from kernels.hope_memory.solve_tril import backward_substitution
 
 
 @triton.jit

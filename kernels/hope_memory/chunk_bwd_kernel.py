@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.hope_memory.triton_common import (
+from kernels.hope_memory.triton_utils import (
     chunk_range,
     ddsilu,
     dsilu,
@@ -26,10 +26,10 @@ from kernels.hope_memory.triton_common import (
     store_tokens,
     tape_slots,
 )
-from kernels.hope_memory.triton_delta import chunk_coefficients
-from kernels.hope_memory.triton_delta_bwd import coefficients_bwd, weight_bwd
-from kernels.hope_memory.triton_fwd import chunk_targets, gradient_state, load_momentum, w1_keys
-from kernels.hope_memory.triton_readout import read_grad_slots
+from kernels.hope_memory.wy_fast import chunk_coefficients
+from kernels.hope_memory.wy_fast_bwd import coefficients_bwd, weight_bwd
+from kernels.hope_memory.chunk_fwd_kernel import chunk_targets, gradient_state, load_momentum, w1_keys
+from kernels.hope_memory.readout_kernel import read_grad_slots
 
 
 @triton.jit

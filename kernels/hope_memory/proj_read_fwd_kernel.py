@@ -6,7 +6,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.hope_memory.triton_common import (
+from kernels.hope_memory.triton_utils import (
     chunk_range,
     load_matrix,
     l2norm,

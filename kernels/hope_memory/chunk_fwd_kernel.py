@@ -1,7 +1,7 @@
 """Forward kernel of one chunk of one memory: the self-generated targets and chunk-start
 gradients (u, e, h), W2's delta rule along k and W1's along hn = l2norm(h) (or W1's gated update),
-both solved in WY/UT form with momentum when on (triton_delta.py), the chunk-end state and, when
-asked, the tape of solved rows (u, Y2, kk1, vv1, Y1) that M_o's read-out (triton_readout.py) and the
+both solved in WY/UT form with momentum when on (wy_fast.py), the chunk-end state and, when
+asked, the tape of solved rows (u, Y2, kk1, vv1, Y1) that M_o's read-out (readout_kernel.py) and the
 backward kernel read. Parallel over (document x head, memory); M_o runs as its own launch (IS_O:
 its gradient state is its own chunk start)."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.hope_memory.triton_common import (
+from kernels.hope_memory.triton_utils import (
     chunk_range,
     dsilu,
     load_matrix,
@@ -20,7 +20,7 @@ from kernels.hope_memory.triton_common import (
     store_matrix,
     tape_slots,
 )
-from kernels.hope_memory.triton_delta import chunk_coefficients, delta_end, delta_solve
+from kernels.hope_memory.wy_fast import chunk_coefficients, delta_end, delta_solve
 
 
 @triton.jit

@@ -17,8 +17,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.hope_memory.triton_common import chunk_decay, masked_exp
-from kernels.hope_memory.triton_solve_tril import forward_substitution
+from kernels.hope_memory.triton_utils import chunk_decay, masked_exp
+from kernels.hope_memory.solve_tril import forward_substitution
 
 
 @triton.jit
