@@ -71,7 +71,8 @@ ABLATIONS = {
                     ["--model.memory_inputs=per_memory"]),
     "hope-retain": ("retention toward M_0 instead of toward 0, docs/model.md 2.10", ["--model.retain_init=true"]),
     "hope-carry": ("state carried across consecutive segments of the same documents in training "
-                   "(training.carry_state: data in lanes, truncated BPTT one segment deep)", ["--training.carry_state=true"]),
+                   "(training.carry_state: data in lanes, truncated BPTT one segment deep)",
+                   ["--training.carry_state=true"]),
 }
 BEGIN, END = "<!-- results:begin (bench/bench_quality.py writes this part) -->", "<!-- results:end -->"
 

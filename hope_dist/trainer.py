@@ -97,6 +97,10 @@ class Trainer:
         self.eod_id = self.data.eod_id if t.reset_state_at_eod else None
         self.carried = CarriedState(self.rank, self.eod_id, self.device, layout_of(cfg, self.dp_size)) \
             if t.carry_state else None  # the rows' state from one step to the next
+        if self.carried is not None and self.device.type == "cpu":
+            # carried fast weights decay toward 0 (alpha^T); on x86 their backward ran 2.5x slower in
+            # denormal arithmetic (hope_2m, docs/QUALITY.md), so flush denormals to zero
+            torch.set_flush_denormal(True)
         self.valid = None
         if cfg.eval.every > 0:
             self.valid = build_validation_set(cfg.data.paths, cfg.data.valid_paths, cfg.data.valid_fraction,
