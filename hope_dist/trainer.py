@@ -78,6 +78,8 @@ class Trainer:
         self.device = torch.device(f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        else:  # the fast weights decay toward 0 (alpha^T) and the backward's products of them reach denormal
+            torch.set_flush_denormal(True)  # floats, which x86 CPUs run 2.5-5x slower (hope_2m; docs/QUALITY.md)
         mp = t.mixed_precision
         self.amp_dtype = torch.bfloat16 if mp == "bf16" or (mp == "auto" and self.device.type == "cuda") else None
         torch_chunked.RECOMPUTE = cfg.parallel.memory_op_recompute  # the memory op's per-chunk recompute
@@ -97,10 +99,6 @@ class Trainer:
         self.eod_id = self.data.eod_id if t.reset_state_at_eod else None
         self.carried = CarriedState(self.rank, self.eod_id, self.device, layout_of(cfg, self.dp_size)) \
             if t.carry_state else None  # the rows' state from one step to the next
-        if self.carried is not None and self.device.type == "cpu":
-            # carried fast weights decay toward 0 (alpha^T); on x86 their backward ran 2.5x slower in
-            # denormal arithmetic (hope_2m, docs/QUALITY.md), so flush denormals to zero
-            torch.set_flush_denormal(True)
         self.valid = None
         if cfg.eval.every > 0:
             self.valid = build_validation_set(cfg.data.paths, cfg.data.valid_paths, cfg.data.valid_fraction,
