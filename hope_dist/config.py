@@ -254,8 +254,12 @@ class DataConfig:
     """held-out Megatron prefixes for validation"""
     valid_fraction: float = 0.0
     """or: hold out this fraction of the training documents, in [0, 1)"""
+    order: Literal["shuffled", "lanes"] = "shuffled"
+    """shuffled samples, or lanes: row b of every global batch reads the next segment of lane b (one dataset;
+    training.carry_state reads lanes whatever this says)"""
 
     def __post_init__(self) -> None:
+        check_choices(self)
         _check(self, "valid_fraction", 0 <= self.valid_fraction < 1, "must be in [0, 1): the share of training "
                "documents held out for validation")
 
@@ -395,15 +399,16 @@ def _validate_cms_in_context(m: ModelConfig, seq_len: int) -> None:
 
 
 def _validate_carry_state(cfg: JobConfig) -> None:
+    if (cfg.training.carry_state or cfg.data.order == "lanes") and len(cfg.data.paths) > 1:
+        raise ConfigError(f"data in lanes (data.order=lanes or training.carry_state=true) reads one dataset, but "
+                          f"data.paths holds {len(cfg.data.paths)}: tokenize them into one dataset, or use "
+                          f"data.order=shuffled and training.carry_state=false")
     if not cfg.training.carry_state:
         return
     if not cfg.model.mixer_spec.recurrent:
         raise ConfigError(f"training.carry_state=true needs a recurrent model.mixer (one of "
                           f"{[n for n, s in MIXERS.items() if s.recurrent]}), got {cfg.model.mixer!r}: "
                           f"its state is a KV cache that grows with the context; set training.carry_state=false")
-    if len(cfg.data.paths) > 1:
-        raise ConfigError(f"training.carry_state=true reads one dataset in lanes, but data.paths holds "
-                          f"{len(cfg.data.paths)}: tokenize them into one dataset or set training.carry_state=false")
     if cfg.parallel.engine != "native":
         raise ConfigError("training.carry_state=true needs parallel.engine=native: DeepSpeed's checkpoints do not "
                           "hold the carried states; set parallel.engine=native or training.carry_state=false")

@@ -91,7 +91,7 @@ class Trainer:
                                        global_batch=t.global_batch, dp_rank=self.dp_rank,
                                        dp_size=self.dp_size, seed=t.seed, eod_id=cfg.data.eod_id,
                                        tokenizer=cfg.data.tokenizer, valid_fraction=cfg.data.valid_fraction,
-                                       lanes=t.carry_state)
+                                       lanes=t.carry_state or cfg.data.order == "lanes")
         if self.data.vocab_size > cfg.model.vocab_size:
             raise DataError(
                 f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "

@@ -111,9 +111,9 @@ def build_train_stream(paths: list[str], weights: list[float] | None, *, seq_len
         raise DataError(f"global_batch {global_batch} is not divisible by the data-parallel size "
                         f"{dp_size}; choose a global batch that is a multiple of {dp_size}")
     if lanes and len(paths) > 1:
-        raise DataError(f"training.carry_state=true reads one dataset in lanes, but data.paths holds {len(paths)}: "
-                        f"a blend would switch a row between datasets mid-document; tokenize them into one "
-                        f"dataset or set training.carry_state=false")
+        raise DataError(f"data in lanes (data.order=lanes or training.carry_state=true) reads one dataset, but "
+                        f"data.paths holds {len(paths)}: a blend would switch a row between datasets mid-document; "
+                        f"tokenize them into one dataset, or use data.order=shuffled and training.carry_state=false")
     files = [TokenFile(p) for p in paths]
     if weights is None:  # plain concatenation: each dataset in proportion to its size
         weights = [float(f.num_tokens) for f in files]

@@ -93,7 +93,7 @@ def test_lanes_continue_row_by_row_and_split_over_ranks(lane_data):
 
 def test_lanes_need_one_dataset(lane_data):
     from hope_dist.errors import DataError
-    with pytest.raises(DataError, match="carry_state=true reads one dataset"):
+    with pytest.raises(DataError, match="reads one dataset, but data.paths holds 2"):
         build_train_stream([str(lane_data)] * 2, None, seq_len=8, global_batch=4, dp_rank=0, dp_size=1,
                            seed=3, eod_id=EOD, lanes=True)
 
@@ -122,3 +122,11 @@ def test_carry_state_needs_a_recurrent_mixer():
 
     with pytest.raises(ConfigError, match="training.carry_state=true needs a recurrent model.mixer"):
         load_config("configs/tiny.yaml", ["--model.mixer=attention", "--training.carry_state=true"])
+
+
+def test_lanes_without_carried_state(random_dataset, tmp_path):
+    """data.order=lanes alone: the lane order with every row starting fresh (the control of carry_state)."""
+    from helpers import make_trainer
+
+    trainer = make_trainer(random_dataset, tmp_path, **{"data.order": "lanes"})
+    assert trainer.carried is None and trainer.data.lanes == 4
