@@ -40,9 +40,17 @@ class MessageErrorFile(ErrorHandler):
 
 def _train(argv: list[str]) -> int:
     cfg = parse_args(argv)
+    import torch
+
     from hope_dist.trainer import Trainer
 
-    Trainer(cfg, faults=FaultHooks.from_env()).train()  # fault tests set them in the environment
+    # Fast weights decay toward 0 (alpha^T); carried ones put hope_2m's CPU backward into denormal floats,
+    # 2.5x slower on x86 (README, Training). Process-wide state: set for the run only, here.
+    torch.set_flush_denormal(True)
+    try:
+        Trainer(cfg, faults=FaultHooks.from_env()).train()  # fault tests set them in the environment
+    finally:
+        torch.set_flush_denormal(False)
     return 0
 
 

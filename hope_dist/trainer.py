@@ -78,8 +78,7 @@ class Trainer:
         self.device = torch.device(f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        else:  # fast weights decay toward 0 (alpha^T); carried ones put hope_2m's backward into denormal
-            torch.set_flush_denormal(True)  # floats, which ran 2.5x slower on this x86 CPU (README, Training)
+
         mp = t.mixed_precision
         self.amp_dtype = torch.bfloat16 if mp == "bf16" or (mp == "auto" and self.device.type == "cuda") else None
         torch_chunked.RECOMPUTE = cfg.parallel.memory_op_recompute  # the memory op's per-chunk recompute
