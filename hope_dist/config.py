@@ -379,6 +379,11 @@ class JobConfig:
         validate(self)
         return self
 
+    @property
+    def data_in_lanes(self) -> bool:
+        """The train stream reads lanes (data/samples.py): data.order=lanes, or carried state needing them."""
+        return self.training.carry_state or self.data.order == "lanes"
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -399,7 +404,7 @@ def _validate_cms_in_context(m: ModelConfig, seq_len: int) -> None:
 
 
 def _validate_carry_state(cfg: JobConfig) -> None:
-    if (cfg.training.carry_state or cfg.data.order == "lanes") and len(cfg.data.paths) > 1:
+    if cfg.data_in_lanes and len(cfg.data.paths) > 1:
         raise ConfigError(f"data in lanes (data.order=lanes or training.carry_state=true) reads one dataset, but "
                           f"data.paths holds {len(cfg.data.paths)}: tokenize them into one dataset, or use "
                           f"data.order=shuffled and training.carry_state=false")

@@ -78,7 +78,6 @@ class Trainer:
         self.device = torch.device(f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-
         mp = t.mixed_precision
         self.amp_dtype = torch.bfloat16 if mp == "bf16" or (mp == "auto" and self.device.type == "cuda") else None
         torch_chunked.RECOMPUTE = cfg.parallel.memory_op_recompute  # the memory op's per-chunk recompute
@@ -90,7 +89,7 @@ class Trainer:
                                        global_batch=t.global_batch, dp_rank=self.dp_rank,
                                        dp_size=self.dp_size, seed=t.seed, eod_id=cfg.data.eod_id,
                                        tokenizer=cfg.data.tokenizer, valid_fraction=cfg.data.valid_fraction,
-                                       lanes=t.carry_state or cfg.data.order == "lanes")
+                                       lanes=cfg.data_in_lanes)
         if self.data.vocab_size > cfg.model.vocab_size:
             raise DataError(
                 f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "

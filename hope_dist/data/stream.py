@@ -74,8 +74,7 @@ class TrainStream:
 
     def _identity(self) -> dict:
         return {"paths": [d.data.prefix for d in self.datasets], "weights": list(self.weights),
-                "seq_len": self.seq_len, "seed": self.seed,
-                "lanes": self.lanes}
+                "seq_len": self.seq_len, "seed": self.seed, "lanes": self.lanes}
 
     def state_dict(self) -> dict:
         return {"consumed_samples": self.consumed_samples, **self._identity()}
