@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- gpu_check:begin -->", "<!-- gpu_check:end -->"
 H100_BF16 = 989e12
+DRY_TOKENS = (1, 32)  # micro-batch x seq_len of the dry run's training step and memory estimate
 
 
 def parse_args(argv=None):
@@ -85,7 +86,7 @@ def train_step_row(path: Path, dry: bool) -> tuple[str, float]:
 
     cfg = load_config(path)
     device = torch.device("cpu" if dry else "cuda")
-    batch, seq = (1, 32) if dry else (cfg.training.micro_batch, cfg.training.seq_len)
+    batch, seq = DRY_TOKENS if dry else (cfg.training.micro_batch, cfg.training.seq_len)
     model = build_model(cfg.model, device)
     counts = count_parameters(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=not dry)
@@ -108,16 +109,18 @@ def train_step_row(path: Path, dry: bool) -> tuple[str, float]:
     if not dry:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    name = path.stem + (" (dry: CPU, 1 x 32 tokens)" if dry else f" ({batch} x {seq} tokens)")
+    name = path.stem + (f" (dry: CPU, {batch} x {seq} tokens)" if dry else f" ({batch} x {seq} tokens)")
     return f"| {name} | {counts['total']:,} | {tok_s:,.0f} | {100 * mfu:.1f}% | {peak:.1f} |", peak
 
 
-def estimator_row(path: Path, peak_gb: float) -> str:
-    """tools/estimate_memory.py's answer next to the measured peak, or why there is none."""
+def estimator_row(path: Path, peak_gb: float, dry: bool) -> str:
+    """tools/estimate_memory.py's answer next to the measured peak, or why there is none (dry: for the
+    dry step's 1 x 32 tokens, which also keeps its fake-tensor traces short)."""
     if not (ROOT / "tools/estimate_memory.py").exists():
         return f"| {path.stem} | skipped: tools/estimate_memory.py is not in this tree | {peak_gb:.1f} |"
-    run = subprocess.run([sys.executable, "-m", "tools.estimate_memory", str(path)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
+    sizes = [f"--training.micro_batch={DRY_TOKENS[0]}", f"--training.seq_len={DRY_TOKENS[1]}"] if dry else []
+    run = subprocess.run([sys.executable, "-m", "tools.estimate_memory", str(path), *sizes], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
     lines = (run.stdout or run.stderr).strip().splitlines()
     answer = " / ".join(lines[-3:]).replace("|", "\\|") or f"exit {run.returncode}, no output"
     return f"| {path.stem} | {answer} | {peak_gb:.1f} |"
@@ -132,7 +135,7 @@ def training(dry: bool) -> list[str]:
         path = ROOT / "configs/quality" / f"{name}.yaml"
         row, peak = train_step_row(path, dry)
         rows.append(row)
-        est.append(estimator_row(path, peak))
+        est.append(estimator_row(path, peak, dry))
     return rows + [""] + est
 
 

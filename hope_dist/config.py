@@ -108,6 +108,10 @@ class ModelConfig:
     """retention decays the fast weights' deviation from their learned initial weights M_0, not the weights"""
     bound_step: bool = False
     """each inner gradient divided by the inner loss's curvature along it when above 1 (docs/model.md 2.10)"""
+    proj_rate: float = 1.0
+    """selfmod: share of each update the projection memories take, in [0, 1]; 0: static k, v, eta, alpha maps"""
+    rate_norm: bool = False
+    """selfmod: eta and alpha read M_eta's and M_alpha's outputs RMS-normalised (docs/model.md 2.10)"""
     memory_inputs: Literal["shared", "per_memory", "per_memory_conv"] = "shared"
     """selfmod: k, v, eta, alpha memories read one input (paper), one projection+conv each, or a conv each"""
     cms: list[CMSLevel] = field(default_factory=lambda: [CMSLevel(64, p) for p in (1, 4, 16, 64)])
@@ -125,6 +129,8 @@ class ModelConfig:
         _check(self, "memory_depth", self.memory_depth in (1, 2), "must be 1 (linear) or 2 (residual MLP)")
         _check(self, "memory_w1_std", self.memory_w1_std is None or self.memory_w1_std > 0,
                "must be > 0 (or null for model.init_std)")
+        _check(self, "proj_rate", 0 <= self.proj_rate <= 1, "must be in [0, 1]: the projection memories' share of "
+               "each update (1: the paper, 0: frozen at M_0)")
         _check(self, "alpha_init", 0 < self.alpha_init < 1, "must be in (0, 1): the initial retention per token")
         if self.memory_hidden is not None:
             _positive(self, "memory_hidden")

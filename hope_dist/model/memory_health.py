@@ -45,7 +45,7 @@ def memory_health(q: torch.Tensor, params: MemoryParams, inputs: dict, common: d
         w1, w2 = state.w1, state.w2
         if selfmod:
             k, v, eta, alpha = projections(None if w1 is None else w1[:, :4], w2[:, :4], heads_first(part["a"]),
-                                           params, common["eta_max"])
+                                           params, common["eta_max"], common["rate_norm"])
         else:
             k, v, eta, alpha = (heads_first(part[n]) for n in ("k", "v", "eta", "alpha"))
         o1, o2 = (None if w1 is None else w1[:, -1:]), w2[:, -1:]

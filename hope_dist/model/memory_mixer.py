@@ -147,15 +147,19 @@ class MemoryMixer(nn.Module):
     def _op_flags(self) -> dict:
         c = self.cfg
         return dict(chunk_size=c.chunk_size, proj_chunk_size=c.proj_chunk_size, eta_max=c.eta_max,
-                    selfgen=c.selfgen_values, stopgrad_vhat=c.stopgrad_vhat, w1_delta=c.w1_delta,
-                    retain_init=c.retain_init, bound_step=c.bound_step)
+                    proj_rate=c.proj_rate if self.selfmod else 1.0, selfgen=c.selfgen_values,
+                    stopgrad_vhat=c.stopgrad_vhat, w1_delta=c.w1_delta, retain_init=c.retain_init,
+                    bound_step=c.bound_step, rate_norm=c.rate_norm and self.selfmod)
 
     def _kernel(self, device: torch.device) -> str:
         """auto: Triton on CUDA (momentum and W1's delta rule included), the chunked PyTorch path on
-        CPU and for the options the kernels lack (retain_init, per-memory inputs)."""
-        if self.cfg.kernel != "auto":
-            return self.cfg.kernel
-        triton_ok = not (self.cfg.retain_init or self.cfg.bound_step) and self.cfg.memory_inputs == "shared"
+        CPU and for the options the kernels lack (retain_init, bound_step, proj_rate, rate_norm,
+        per-memory inputs)."""
+        c = self.cfg
+        if c.kernel != "auto":
+            return c.kernel
+        torch_only = c.retain_init or c.bound_step or (self.selfmod and (c.proj_rate != 1.0 or c.rate_norm))
+        triton_ok = not torch_only and c.memory_inputs == "shared"
         return "triton" if device.type == "cuda" and triton_ok else "torch"
 
     def forward(self, x: torch.Tensor, segs: Segments | None = None, state: dict | None = None,

@@ -56,10 +56,14 @@ def deepspeed_config(cfg: JobConfig) -> dict:
 
 
 def _import_deepspeed():
-    """deepspeed on its CPU accelerator without CUDA; quiet loggers (it logs every loss-scale change)."""
+    """deepspeed on its CPU accelerator without CUDA; quiet loggers (it logs every loss-scale change).
+    On CPU its shared-memory comm op is marked unavailable: it serves only inference_all_reduce, which
+    training never calls, and its JIT build took 77-220 s on a machine's first start (gloo does the rest)."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     import deepspeed
 
+    if os.environ["DS_ACCELERATOR"] == "cpu":  # DeepSpeed keeps edits to this dict (deepspeed/ops/__init__.py)
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.utils.logger.setLevel(logging.WARNING)
     return deepspeed
 

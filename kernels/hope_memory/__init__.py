@@ -41,7 +41,7 @@ __all__ = ["MEMORY_NAMES", "MemoryParams", "MemoryState", "hope_memory", "l2norm
 
 IMPLS = ("naive", "torch", "triton")
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-TORCH_ONLY = ("retain_init", "bound_step")  # options only the PyTorch paths implement so far
+TORCH_ONLY = ("retain_init", "bound_step", "proj_rate", "rate_norm")  # options only the PyTorch paths implement so far
 
 
 def hope_memory(
@@ -61,11 +61,13 @@ def hope_memory(
     chunk_size: int = 64,
     proj_chunk_size: int = 64,
     eta_max: float = 1.0,
+    proj_rate: float = 1.0,
     selfgen: bool = True,
     stopgrad_vhat: bool = True,
     w1_delta: bool = True,
     retain_init: bool = False,
     bound_step: bool = False,
+    rate_norm: bool = False,
     impl: str = "torch",
 ) -> tuple[torch.Tensor, MemoryState | None]:
     """o_t = M_{o,t}(q_t), per head, inclusive of token t's own write.
@@ -81,6 +83,8 @@ def hope_memory(
     them would need); max_seqlen: the longest document (computed from the host offsets when None;
     required under torch.compile). chunk_size: M_o's chunk length;
     proj_chunk_size (a multiple of chunk_size): the projection memories'.
+    proj_rate (selfmod, in [0, 1]): the share of each update the projection memories take (their eta
+    scaled by it and so is 1 - alpha; common.proj_rates); 0 freezes them at M_0, 1 is the spec.
     selfgen: vhat_* = M_{*,c}(v_t) (selfmod only); stopgrad_vhat detaches those targets.
     w1_delta (depth 2): W1 follows the delta rule along its unit input l2norm(h) (the default, stable;
     docs/memory_op.md), else the spec's gated update alpha W1 - eta S1.
@@ -88,17 +92,20 @@ def hope_memory(
     params' w1, w2), W_t = (rule's W_t) + (1 - alpha_t) M_0, instead of the weights themselves.
     bound_step: each token's inner gradient is divided by the inner loss's curvature along it when that
     exceeds 1 (common.bound_inner_step), so no write overshoots (issue 25's Titans runaway).
+    rate_norm (selfmod): eta and alpha read M_eta's and M_alpha's outputs RMS-normalised (common.projections).
     impl: "naive" (per-token reference), "torch" (chunked PyTorch) or "triton" (kernels.hope_memory.chunk).
     Returns (o (B, T, H, d_h), final MemoryState if output_final_state else None).
     """
     flags = dict(output_final_state=output_final_state, selfgen=selfgen, stopgrad_vhat=stopgrad_vhat,
-                 w1_delta=w1_delta, retain_init=retain_init, bound_step=bound_step)
+                 w1_delta=w1_delta, retain_init=retain_init, bound_step=bound_step, rate_norm=rate_norm)
     max_seqlen = _check_inputs(q, params, a, k, v, eta, alpha, initial_state, cu_seqlens, cu_seqlens_cpu,
-                               max_seqlen, chunk_size, proj_chunk_size, eta_max, impl, flags)
+                               max_seqlen, chunk_size, proj_chunk_size, eta_max, proj_rate, impl, flags)
     kwargs = dict(a=a, k=k, v=v, eta=eta, alpha=alpha, initial_state=initial_state,
                   output_final_state=output_final_state, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                  chunk_size=chunk_size, proj_chunk_size=proj_chunk_size, eta_max=eta_max, selfgen=selfgen,
-                  stopgrad_vhat=stopgrad_vhat, w1_delta=w1_delta, retain_init=retain_init, bound_step=bound_step)
+                  chunk_size=chunk_size, proj_chunk_size=proj_chunk_size, eta_max=eta_max, proj_rate=proj_rate,
+                  selfgen=selfgen,
+                  stopgrad_vhat=stopgrad_vhat, w1_delta=w1_delta, retain_init=retain_init, bound_step=bound_step,
+                  rate_norm=rate_norm)
     if impl == "triton":
         from .chunk import chunk_hope_memory
 
@@ -151,7 +158,7 @@ def _check_absent(name: str, x, why: str) -> None:
 
 
 def _check_inputs(q, params, a, k, v, eta, alpha, initial_state, cu_seqlens, cu_seqlens_cpu, max_seqlen,
-                  chunk_size, proj_chunk_size, eta_max, impl, flags: dict) -> int | None:
+                  chunk_size, proj_chunk_size, eta_max, proj_rate, impl, flags: dict) -> int | None:
     """Every shape, dtype and flag combination, with errors naming the argument, and the limits of
     the chosen impl: the one validation of the op, for every path. Reads packed offsets only on the
     host; returns max_seqlen (None without cu_seqlens)."""
@@ -203,6 +210,8 @@ def _check_inputs(q, params, a, k, v, eta, alpha, initial_state, cu_seqlens, cu_
                          f"got {proj_chunk_size!r}")
     if not eta_max >= 0:
         raise ValueError(f"eta_max must be >= 0, got {eta_max!r}")
+    if not 0 <= proj_rate <= 1:
+        raise ValueError(f"proj_rate must be in [0, 1], got {proj_rate!r}")
     n_seq = batch
     if cu_seqlens is not None:
         if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1
@@ -240,9 +249,10 @@ def _check_inputs(q, params, a, k, v, eta, alpha, initial_state, cu_seqlens, cu_
         _check_state(initial_state, params, n_seq, q)
     if impl == "triton":
         _check_triton(q, params)
-        if any(flags[n] for n in TORCH_ONLY) or (a is not None and a.dim() == 5):
-            raise ValueError(f"{', '.join(TORCH_ONLY)} and per-memory inputs a (B, T, 4, H, d_h) have no Triton "
-                             'kernel yet: use impl="torch"')
+        torch_only = [n for n in ("retain_init", "bound_step", "rate_norm") if flags[n]]
+        if torch_only or proj_rate != 1.0 or (a is not None and a.dim() == 5):
+            raise ValueError("retain_init, bound_step, rate_norm, proj_rate < 1 and per-memory inputs a "
+                             '(B, T, 4, H, d_h) have no Triton kernel yet: use impl="torch"')
     return max_seqlen
 
 

@@ -40,16 +40,30 @@ def apply_memory(w1: torch.Tensor | None, w2: torch.Tensor, z: torch.Tensor) -> 
     return y if w1 is None else z + F.silu(y) @ w1.mT
 
 
-def projections(w1, w2, a, params: MemoryParams, eta_max: float):
+def projections(w1, w2, a, params: MemoryParams, eta_max: float, rate_norm: bool = False):
     """k, v, eta, alpha of the self-modifying mixer from the projection memories (k, v, eta, alpha)
     at their chunk-start state w1/w2 (B, 4, H, ., .); a (B, 1, H, T, d_h), one input for all four,
-    or (B, 4, H, T, d_h), one per memory.
+    or (B, 4, H, T, d_h), one per memory. rate_norm: eta and alpha read M_eta's and M_alpha's outputs
+    RMS-normalised (unit scale per element, like titans' read-outs of the normed residual).
     Returns k, v (B, 1, H, T, d_h) and eta, alpha (B, 1, H, T)."""
     m = apply_memory(w1, w2, a)
     k, v = l2norm(m[:, 0:1]), l2norm(m[:, 1:2])
-    eta = eta_max * torch.sigmoid((m[:, 2:3] * params.eta_w[:, None]).sum(-1) + params.eta_b[:, None])
-    alpha = torch.sigmoid((m[:, 3:4] * params.alpha_w[:, None]).sum(-1) + params.alpha_b[:, None])
+    m_eta, m_alpha = m[:, 2:3], m[:, 3:4]
+    if rate_norm:
+        m_eta, m_alpha = (x * torch.rsqrt(x.square().mean(-1, keepdim=True) + L2NORM_EPS) for x in (m_eta, m_alpha))
+    eta = eta_max * torch.sigmoid((m_eta * params.eta_w[:, None]).sum(-1) + params.eta_b[:, None])
+    alpha = torch.sigmoid((m_alpha * params.alpha_w[:, None]).sum(-1) + params.alpha_b[:, None])
     return k, v, eta, alpha
+
+
+def proj_rates(eta, alpha, proj_rate: float):
+    """eta and alpha of the projection memories (selfmod, `proj_rate`): the rate scaled by proj_rate and
+    so is the decay 1 - alpha, so a projection memory moves proj_rate of the way the rule would move it
+    (W + r (rule(W) - W)); 0 freezes them at M_0 (static k, v, eta, alpha maps). Padding (eta 0,
+    alpha 1) stays a no-op."""
+    if proj_rate == 1.0:
+        return eta, alpha
+    return proj_rate * eta, 1 - proj_rate * (1 - alpha)
 
 
 def bound_inner_step(w1, y, u, e, h):

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import (apply_memory, bound_inner_step, heads_first, initial_memory_state, l2norm, projections,
-                     retain_toward, silu_grad, tokens_first)
+from .common import (apply_memory, bound_inner_step, heads_first, initial_memory_state, l2norm, proj_rates,
+                     projections, retain_toward, silu_grad, tokens_first)
 from .types import MemoryParams, MemoryState
 
 
@@ -28,8 +28,8 @@ def inner_grad_factors(w1, w2, k, vhat):
     return (e @ w1) * silu_grad(y), e, h
 
 
-def _naive_sequences(q, a, k, v, eta, alpha, state, params, chunk_size, proj_chunk_size, eta_max, selfgen,
-                     stopgrad_vhat, w1_delta, retain_init, bound_step):
+def _naive_sequences(q, a, k, v, eta, alpha, state, params, chunk_size, proj_chunk_size, eta_max, proj_rate,
+                     rate_norm, selfgen, stopgrad_vhat, w1_delta, retain_init, bound_step):
     """Sequences that all start at a chunk boundary, in the internal layout; returns (o, state)."""
     w1, w2, s1, s2 = state
     w1_0, w2_0 = (params.w1, params.w2) if retain_init else (None, None)
@@ -50,7 +50,7 @@ def _naive_sequences(q, a, k, v, eta, alpha, state, params, chunk_size, proj_chu
         c2 = torch.cat([c2p, c2o], 1)
         tok = slice(t, t + 1)
         if selfmod:
-            k_t, v_t, eta_t, alpha_t = projections(c1p, c2p, a[..., tok, :], params, eta_max)
+            k_t, v_t, eta_t, alpha_t = projections(c1p, c2p, a[..., tok, :], params, eta_max, rate_norm)
         else:
             k_t, v_t, eta_t, alpha_t = k[..., tok, :], v[..., tok, :], eta[..., tok], alpha[..., tok]
         if selfmod and selfgen:
@@ -62,6 +62,10 @@ def _naive_sequences(q, a, k, v, eta, alpha, state, params, chunk_size, proj_chu
         if bound_step:
             u, e = bound_inner_step(c1, k_t @ c2.mT, u, e, h)
         eta_t, alpha_t = eta_t[..., None], alpha_t[..., None]  # (B, 1, H, 1, 1)
+        if selfmod and proj_rate != 1.0:  # per memory: (B, n_mem, H, 1, 1)
+            eta_p, alpha_p = proj_rates(eta_t, alpha_t, proj_rate)
+            eta_t = torch.cat([eta_p.expand(-1, n_proj, -1, -1, -1), eta_t], 1)
+            alpha_t = torch.cat([alpha_p.expand(-1, n_proj, -1, -1, -1), alpha_t], 1)
         g2 = u.mT @ k_t
         s2 = g2 if gamma is None else gamma * s2 + (1 - gamma) * g2
         w2 = retain_toward(w2 @ (alpha_t * eye - eta_t * k_t.mT @ k_t) - eta_t * s2, w2_0, alpha_t)
@@ -83,8 +87,8 @@ def _naive_sequences(q, a, k, v, eta, alpha, state, params, chunk_size, proj_chu
 def naive_hope_memory(q, params: MemoryParams, *, a=None, k=None, v=None, eta=None, alpha=None,
                       initial_state: MemoryState | None = None, output_final_state: bool = False,
                       cu_seqlens=None, chunk_size: int = 64, proj_chunk_size: int = 64, eta_max: float = 1.0,
-                      selfgen: bool = True, stopgrad_vhat: bool = True, w1_delta: bool = True,
-                      retain_init: bool = False, bound_step: bool = False):
+                      proj_rate: float = 1.0, rate_norm: bool = False, selfgen: bool = True, stopgrad_vhat: bool = True,
+                      w1_delta: bool = True, retain_init: bool = False, bound_step: bool = False):
     """Reference path of `kernels.hope_memory.hope_memory` (same arguments, already validated).
     Packed documents (cu_seqlens) run one by one, each from its own initial state."""
     if cu_seqlens is None:
@@ -106,8 +110,8 @@ def naive_hope_memory(q, params: MemoryParams, *, a=None, k=None, v=None, eta=No
             heads_first(None if k is None else k[:, tok]), heads_first(None if v is None else v[:, tok]),
             heads_first(None if eta is None else eta[:, tok]),
             heads_first(None if alpha is None else alpha[:, tok]),
-            state, params, chunk_size, proj_chunk_size, eta_max, selfgen, stopgrad_vhat, w1_delta, retain_init,
-            bound_step)
+            state, params, chunk_size, proj_chunk_size, eta_max, proj_rate, rate_norm, selfgen, stopgrad_vhat,
+            w1_delta, retain_init, bound_step)
         outs.append(tokens_first(o))
         states.append(state)
     o = torch.cat(outs, 1)

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .common import (L2NORM_EPS, apply_memory, bound_inner_step, heads_first, initial_memory_state, projections,
-                     tokens_first)
+from .common import (L2NORM_EPS, apply_memory, bound_inner_step, heads_first, initial_memory_state, proj_rates,
+                     projections, tokens_first)
 from .types import MemoryParams, MemoryState
 
 
@@ -238,13 +238,13 @@ def _pieces(x, size):
 
 
 def _chunked_sequences(q, a, k, v, eta, alpha, state: MemoryState, params: MemoryParams, valid,
-                       chunk_size, proj_chunk_size, eta_max, selfgen, stopgrad_vhat, w1_delta, retain_init,
-                       bound_step):
+                       chunk_size, proj_chunk_size, eta_max, proj_rate, rate_norm, selfgen, stopgrad_vhat,
+                       w1_delta, retain_init, bound_step):
     """Sequences in the internal layout (common.py), each starting at a chunk boundary; valid
     (B, 1, 1, T) marks real tokens (None: all). Returns (o, final state).
 
-    With chunk == proj_chunk_size (the default) and selfmod, the five memories share their chunk
-    start, rates and decays, so each chunk step updates all five in one batched product per
+    With chunk == proj_chunk_size (the default), selfmod and proj_rate 1, the five memories share their
+    chunk start, rates and decays, so each chunk step updates all five in one batched product per
     matrix (the n_mem axis) and reads M_o from the same step."""
     selfmod = a is not None
     n_proj = state.w2.shape[1] - 1
@@ -265,7 +265,7 @@ def _chunked_sequences(q, a, k, v, eta, alpha, state: MemoryState, params: Memor
         lg = log_gamma.expand(-1, n)
         return lg if c_valid is None else lg * c_valid
 
-    fused = selfmod and chunk_size == proj_chunk_size
+    fused = selfmod and chunk_size == proj_chunk_size and proj_rate == 1.0
     q_c = _pieces(q, chunk_size)
     outs = []
     if not selfmod:
@@ -279,11 +279,11 @@ def _chunked_sequences(q, a, k, v, eta, alpha, state: MemoryState, params: Memor
         proj = _select(state, slice(0, n_proj))
         init_p, init_o = (None, None) if init is None else (_select(init, slice(0, n_proj)),
                                                             _select(init, slice(n_proj, None)))
-        k_p, v_p, eta_p, alpha_p = projections(proj.w1, proj.w2, a_p, params, eta_max)
+        k_p, v_p, eta_p, alpha_p = projections(proj.w1, proj.w2, a_p, params, eta_max, rate_norm)
         if p_valid is not None:
             eta_p, alpha_p = torch.where(p_valid, eta_p, 0.0), torch.where(p_valid, alpha_p, 1.0)
         scale = _grad_scale(p_valid, one_minus_gamma)
-        dec = _decay(eta_p, alpha_p, chunk_log_gamma(p_valid, a_p.shape[-2]))
+        dec = _decay(*proj_rates(eta_p, alpha_p, proj_rate), chunk_log_gamma(p_valid, a_p.shape[-2]))
         if fused:
             state, o = _update_memories(state, k_p, _targets(state, v_p, selfgen, stopgrad_vhat), dec, scale,
                                         w1_delta, qs[0], init, bound_step)
@@ -349,7 +349,8 @@ def _unpack(x, idx, valid):
 def torch_chunked_hope_memory(q, params: MemoryParams, *, a=None, k=None, v=None, eta=None, alpha=None,
                             initial_state: MemoryState | None = None, output_final_state: bool = False,
                             cu_seqlens=None, max_seqlen: int | None = None, chunk_size: int = 64,
-                            proj_chunk_size: int = 64, eta_max: float = 1.0, selfgen: bool = True,
+                            proj_chunk_size: int = 64, eta_max: float = 1.0, proj_rate: float = 1.0,
+                            rate_norm: bool = False, selfgen: bool = True,
                             stopgrad_vhat: bool = True, w1_delta: bool = True, retain_init: bool = False,
                             bound_step: bool = False):
     """Chunked path of `kernels.hope_memory.hope_memory` (same arguments, already validated;
@@ -370,7 +371,8 @@ def torch_chunked_hope_memory(q, params: MemoryParams, *, a=None, k=None, v=None
     o, state = _chunked_sequences(
         heads_first(q), heads_first(a), heads_first(k), heads_first(v), heads_first(eta),
         heads_first(alpha), state, params, None if valid is None else valid[:, None, None],
-        chunk_size, proj_chunk_size, eta_max, selfgen, stopgrad_vhat, w1_delta, retain_init, bound_step)
+        chunk_size, proj_chunk_size, eta_max, proj_rate, rate_norm, selfgen, stopgrad_vhat, w1_delta, retain_init,
+        bound_step)
     o = tokens_first(o)
     if valid is not None:
         o = o[back].unsqueeze(0)

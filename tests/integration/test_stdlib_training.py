@@ -3,8 +3,10 @@ a BPE tokenizer trained on it, Megatron .bin/.idx, and the tiny HOPE through tor
 loss must fall below a stated value within a fixed step budget.
 
 Calibration (3 MB of stdlib, 1024-token BPE): the corpus's unigram entropy is 5.97 nats/token
-(the best a model that ignores context can do); 200 steps reach a mean of 4.29 over the last
-10 steps (7.4 at the start). The bound asks for 4.7: well below what ignoring context allows."""
+(the best a model that ignores context can do); 150 steps reach a mean of 4.44 over the last
+10 steps (7.4 at the start; 200 steps: 4.29). The bound asks for 4.7: well below what ignoring
+context allows. The memory-health probes are off (a fifth of each step; tests/unit/test_validation.py
+checks them in the trainer)."""
 import json
 import subprocess
 import sys
@@ -12,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-STEPS = 200
+STEPS = 150
 LOSS_BOUND = 4.7  # nats/token, mean of the last 10 steps; ln(1024) = 6.93 at init
 
 
@@ -39,7 +41,8 @@ def test_tiny_hope_learns_the_stdlib(stdlib_data, tmp_path):
          "hope_dist/pretrain.py", "--config", "configs/tiny.yaml", f"--run_dir={run_dir}",
          f"--data.paths=[{stdlib_data / 'stdlib'}]", f"--data.tokenizer={stdlib_data / 'tokenizer.json'}",
          "--model.vocab_size=1024", f"--training.steps={STEPS}", "--metrics.wandb=false",
-         "--metrics.progress=false", "--checkpoint.interval=0"], check=True)
+         "--metrics.progress=false", "--checkpoint.interval=0",
+         "--metrics.memory_health=false"], check=True)
     losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == STEPS
     final = sum(losses[-10:]) / 10

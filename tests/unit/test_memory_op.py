@@ -32,6 +32,8 @@ class Case:
     retain_init: bool = False  # retention decays the deviation from M_0 (the params' weights)
     per_memory_a: bool = False  # selfmod: one input per projection memory, a (B, T, 4, H, d_h)
     bound_step: bool = False  # inner gradients bounded by their curvature
+    proj_rate: float = 1.0  # selfmod: the projection memories' share of each update
+    rate_norm: bool = False  # selfmod: eta and alpha read RMS-normalised memory outputs
 
 
 FACTORS = {
@@ -160,7 +162,8 @@ def _case_id(case: Case) -> str:
             f"{'selfgen' if case.selfgen else 'v'}-{'sg' if case.stopgrad else 'nosg'}-C{case.chunk_size}"
             f"x{case.proj_mult}-T{case.seq}-{str(case.dtype)[6:]}-{'state' if case.given_state else 'fresh'}"
             f"{'' if case.w1_delta else '-w1gated'}{'-retain' if case.retain_init else ''}"
-            f"{'-amem' if case.per_memory_a else ''}{'-bound' if case.bound_step else ''}")
+            f"{'-amem' if case.per_memory_a else ''}{'-bound' if case.bound_step else ''}"
+            f"{'' if case.proj_rate == 1 else f'-prate{case.proj_rate}'}{'-ratenorm' if case.rate_norm else ''}")
 
 
 @pytest.mark.parametrize("case", CASES + [replace(c, w1_delta=False) for c in CASES if c.depth == 2], ids=_case_id)
@@ -168,7 +171,7 @@ def test_chunked_matches_naive(case: Case):
     q, params, inputs, state = make_problem(case)
     kwargs = dict(chunk_size=case.chunk_size, proj_chunk_size=case.chunk_size * case.proj_mult, selfgen=case.selfgen,
                   stopgrad_vhat=case.stopgrad, w1_delta=case.w1_delta, retain_init=case.retain_init,
-                  bound_step=case.bound_step)
+                  bound_step=case.bound_step, proj_rate=case.proj_rate, rate_norm=case.rate_norm)
     want = forward_backward(q, params, inputs, state, impl="naive", **kwargs)
     got = forward_backward(q, params, inputs, state, impl="torch", **kwargs)
     tol = 1e-10 if case.dtype == torch.float64 else 1e-4
@@ -195,12 +198,16 @@ OPTIONS += [replace(c, per_memory_a=True, retain_init=r) for c in STRUCTURES
             if c.variant == "selfmod" and c.stopgrad and c.selfgen for r in (False, True)]
 OPTIONS += [replace(c, bound_step=True, w1_delta=w1_delta) for c in STRUCTURES if c.stopgrad
             for w1_delta in ((True, False) if c.depth == 2 else (True,))]
+OPTIONS += [replace(c, proj_rate=r, retain_init=r == 0) for c in STRUCTURES
+            if c.variant == "selfmod" for r in ((0.0, 0.4) if c.stopgrad else (0.4,))]
+OPTIONS += [replace(c, rate_norm=True) for c in STRUCTURES if c.variant == "selfmod"]
 
 
 @pytest.mark.parametrize("case", OPTIONS, ids=_case_id)
 def test_chunked_matches_naive_with_options(case: Case):
-    """Retention toward M_0 and per-memory inputs (docs/model.md section 2.10), every structure, float64,
-    with an initial state (so the anchor M_0 differs from where the state starts)."""
+    """Retention toward M_0, per-memory inputs, the bounded step and the projection memories' rate
+    (docs/model.md section 2.10), every structure, float64, with an initial state (so the anchor M_0
+    differs from where the state starts)."""
     test_chunked_matches_naive(case)
 
 
@@ -226,6 +233,25 @@ def test_options_change_the_result(variant):
         other = a4.clone()
         other[:, :, 1] = inputs["a"].flip(1)  # M_v reads another sequence
         assert (run({"a": other}).w2 - plain.w2).norm() > 1e-3 * plain.w2.norm()
+
+
+@pytest.mark.parametrize("impl", ["naive", "torch"])
+def test_proj_rate_scales_the_projection_memories_update(impl):
+    """proj_rate 0 leaves the four projection memories (and nothing else) at their start; 1 is the spec,
+    bitwise; in between each projection memory moves part of the way (W + r (rule(W) - W) per token)."""
+    case = Case(given_state=True, seq=32, momentum=False)
+    q, params, inputs, state = make_problem(case)
+    run = lambda **kw: hope_memory(q, params, **inputs, initial_state=state, output_final_state=True,
+                                   chunk_size=4, proj_chunk_size=8, impl=impl, **kw)
+    (o1, spec), (o_one, one) = run(), run(proj_rate=1.0)
+    assert torch.equal(o1, o_one) and torch.equal(spec.w2, one.w2)
+    (o0, frozen), (_, half) = run(proj_rate=0.0), run(proj_rate=0.5)
+    for w, w_start in ((frozen.w1, state.w1), (frozen.w2, state.w2)):
+        assert torch.equal(w[:, :4], w_start[:, :4]), "proj_rate 0 must leave the projection memories as they start"
+    assert (frozen.w2[:, 4] - state.w2[:, 4]).norm() > 1e-2, "M_o must still learn with frozen projections"
+    move = lambda st: (st.w2[:, :4] - state.w2[:, :4]).norm()
+    assert 0.2 * move(spec) < move(half) < 0.8 * move(spec)
+    assert (o0 - o1).norm() > 1e-3 * o1.norm()
 
 
 @pytest.mark.parametrize("variant", ["selfmod", "titans"])
