@@ -73,6 +73,14 @@ VARIANTS = {  # HOPE variants (docs/RECALL.md "Why HOPE missed"): name -> (label
                                          "memories, targets v, RMS-normalised rate read-outs",
                                          {"mixer": "selfmod", "memory_depth": 1, "memory_inputs": "per_memory",
                                           "proj_rate": 0.0, "selfgen_values": False, "rate_norm": True}),
+    "hope-d1-permem-frozen-v-inrates": ("HOPE, depth 1, one input per projection memory, static projection "
+                                        "memories, targets v, eta and alpha read out of x",
+                                        {"mixer": "selfmod", "memory_depth": 1, "memory_inputs": "per_memory",
+                                         "proj_rate": 0.0, "selfgen_values": False, "rates_from": "input"}),
+    "hope-inrates": ("HOPE, eta and alpha read out of x", {"mixer": "selfmod", "rates_from": "input"}),
+    "hope-d1-permconv-inrates": ("HOPE, depth 1, a conv per projection memory, eta and alpha read out of x",
+                                 {"mixer": "selfmod", "memory_depth": 1, "memory_inputs": "per_memory_conv",
+                                  "rates_from": "input"}),
     "hope-ratenorm": ("HOPE, RMS-normalised rate read-outs", {"mixer": "selfmod", "rate_norm": True}),
     "hope-d1-permconv-ratenorm": ("HOPE, depth 1, a conv per projection memory, RMS-normalised rate read-outs",
                                   {"mixer": "selfmod", "memory_depth": 1, "memory_inputs": "per_memory_conv",
@@ -280,18 +288,20 @@ def state_of(results: list[dict], r: dict) -> int:
 
 
 def results_table(results: list[dict]) -> str:
-    """Markdown: per setting and width, each model's best accuracy (its lr) and its state per layer."""
+    """Markdown: a row per model, a column per setting and width: its best accuracy (that lr) and its
+    state per layer."""
     best = best_runs(results)
     models = [m for m in [*MODELS, *VARIANTS] if any(k[0] == m for k in best)]
-    rows = ["| T, pairs | d | " + " | ".join(label(m) for m in models) + " |",
-            "|---|---|" + "---|" * len(models)]
-    for t, n, d in sorted({k[1:] for k in best}):
-        cells = []
-        for m in models:
+    cells = sorted({k[1:] for k in best})
+    rows = ["| model | " + " | ".join(f"T {t}, {n} pairs, d {d}" for t, n, d in cells) + " |",
+            "|---|" + "---|" * len(cells)]
+    for m in models:
+        out = []
+        for t, n, d in cells:
             r = best.get((m, t, n, d))
-            cells.append("-" if r is None else f"{r['acc']:.3f} ({r['lr']:.0e}; {state_of(results, r) / 1024:.0f} KiB)"
-                         + (" *edge*" if _at_edge(results, r) else ""))
-        rows.append(f"| {t}, {n} | {d} | " + " | ".join(cells) + " |")
+            out.append("-" if r is None else f"{r['acc']:.3f} ({r['lr']:.0e}; {state_of(results, r) / 1024:.0f} KiB)"
+                       + (" *edge*" if _at_edge(results, r) else ""))
+        rows.append(f"| {label(m)} | " + " | ".join(out) + " |")
     return "\n".join(rows)
 
 

@@ -112,6 +112,8 @@ class ModelConfig:
     """selfmod: share of each update the projection memories take, in [0, 1]; 0: static k, v, eta, alpha maps"""
     rate_norm: bool = False
     """selfmod: eta and alpha read M_eta's and M_alpha's outputs RMS-normalised (docs/model.md 2.10)"""
+    rates_from: Literal["memories", "input"] = "memories"
+    """selfmod: eta and alpha read out of M_eta, M_alpha (paper) or, as titans, linear read-outs of x"""
     memory_inputs: Literal["shared", "per_memory", "per_memory_conv"] = "shared"
     """selfmod: k, v, eta, alpha memories read one input (paper), one projection+conv each, or a conv each"""
     cms: list[CMSLevel] = field(default_factory=lambda: [CMSLevel(64, p) for p in (1, 4, 16, 64)])

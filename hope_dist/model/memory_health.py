@@ -46,6 +46,8 @@ def memory_health(q: torch.Tensor, params: MemoryParams, inputs: dict, common: d
         if selfmod:
             k, v, eta, alpha = projections(None if w1 is None else w1[:, :4], w2[:, :4], heads_first(part["a"]),
                                            params, common["eta_max"], common["rate_norm"])
+            if "eta" in part:  # rates read out of the input
+                eta, alpha = heads_first(part["eta"]), heads_first(part["alpha"])
         else:
             k, v, eta, alpha = (heads_first(part[n]) for n in ("k", "v", "eta", "alpha"))
         o1, o2 = (None if w1 is None else w1[:, -1:]), w2[:, -1:]

@@ -65,7 +65,8 @@ class MemoryMixer(nn.Module):
         self.proj = nn.ModuleDict({name: nn.Linear(d, d, bias=False) for name in (*dict.fromkeys(self.sources.values()),
                                                                                    "g")})
         self.conv = nn.ModuleDict({name: CausalConv(d, cfg.conv_width) for name in self.sources})
-        if not self.selfmod:
+        self.outer_rates = not selfmod or cfg.rates_from == "input"
+        if self.outer_rates:
             # eta and alpha logits per head, one Linear each so a column split keeps heads whole
             self.rates = nn.ModuleDict({name: nn.Linear(d, H, bias=True) for name in ("eta", "alpha")})
         n_mem = 5 if self.selfmod else 1
@@ -75,7 +76,7 @@ class MemoryMixer(nn.Module):
         else:
             self.register_parameter("mem_w1", None)
             self.mem_w2 = nn.Parameter(torch.empty(n_mem, H, dh, dh))
-        if self.selfmod:
+        if not self.outer_rates:  # selfmod's read-outs of M_eta, M_alpha
             self.eta_w = nn.Parameter(torch.empty(H, dh))
             self.eta_b = nn.Parameter(torch.empty(H))
             self.alpha_w = nn.Parameter(torch.empty(H, dh))
@@ -112,7 +113,7 @@ class MemoryMixer(nn.Module):
         else:
             nn.init.normal_(self.mem_w2, std=self.init_std)
             self.mem_w2.add_(torch.eye(dh, device=self.mem_w2.device, dtype=self.mem_w2.dtype))
-        if self.selfmod:
+        if not self.outer_rates:
             nn.init.normal_(self.eta_w, std=self.init_std)
             nn.init.normal_(self.alpha_w, std=self.init_std)
             nn.init.constant_(self.eta_b, _logit(ETA_INIT))
@@ -127,7 +128,7 @@ class MemoryMixer(nn.Module):
     def parallel_plan(self) -> dict[str, ParamPlan]:
         """Keys relative to the mixer (hope_dist/model/parallel_plan.py): heads are split over tp ranks."""
         plan = projections_plan(self)
-        if not self.selfmod:  # titans' rate read-outs: one output per head, split like the projections
+        if self.outer_rates:  # rate read-outs of x: one output per head, split like the projections
             for name, lin in self.rates.items():
                 plan.update(linear_plan(lin, f"rates.{name}", "colwise", "mixer"))
         for name in self.conv:  # channels are heads x d_h, head-major
@@ -139,7 +140,7 @@ class MemoryMixer(nn.Module):
         return plan
 
     def _params(self) -> MemoryParams:
-        if self.selfmod:
+        if self.selfmod and not self.outer_rates:
             return MemoryParams(self.mem_w1, self.mem_w2, self.eta_w, self.eta_b,
                                 self.alpha_w, self.alpha_b, self.gamma)
         return MemoryParams(self.mem_w1, self.mem_w2, gamma=self.gamma)
@@ -154,11 +155,12 @@ class MemoryMixer(nn.Module):
     def _kernel(self, device: torch.device) -> str:
         """auto: Triton on CUDA (momentum and W1's delta rule included), the chunked PyTorch path on
         CPU and for the options the kernels lack (retain_init, bound_step, proj_rate, rate_norm,
-        per-memory inputs)."""
+        rates_from, per-memory inputs)."""
         c = self.cfg
         if c.kernel != "auto":
             return c.kernel
-        torch_only = c.retain_init or c.bound_step or (self.selfmod and (c.proj_rate != 1.0 or c.rate_norm))
+        torch_only = c.retain_init or c.bound_step or (self.selfmod and (c.proj_rate != 1.0 or c.rate_norm
+                                                                          or self.outer_rates))
         triton_ok = not torch_only and c.memory_inputs == "shared"
         return "triton" if device.type == "cuda" and triton_ok else "torch"
 
@@ -182,11 +184,11 @@ class MemoryMixer(nn.Module):
             per_memory = self.cfg.memory_inputs != "shared"
             kwargs["a"] = torch.stack([feats[n] for n in PER_MEMORY_INPUTS], 2) if per_memory else feats["a"]
         else:
+            kwargs.update(k=l2norm(feats["k"]), v=l2norm(feats["v"]))
+        if self.outer_rates:
             dt = torch.promote_types(x.dtype, torch.float32)
             eta_logit, alpha_logit = (self.rates[name](x).to(dt) for name in ("eta", "alpha"))
-            kwargs.update(k=l2norm(feats["k"]), v=l2norm(feats["v"]),
-                          eta=self.cfg.eta_max * torch.sigmoid(eta_logit),
-                          alpha=torch.sigmoid(alpha_logit))
+            kwargs.update(eta=self.cfg.eta_max * torch.sigmoid(eta_logit), alpha=torch.sigmoid(alpha_logit))
         o, mem_state = self._run_memory(q, kwargs, segs, state, return_state)
         if self.probe_health:
             self.probe_health = False

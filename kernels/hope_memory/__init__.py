@@ -74,7 +74,8 @@ def hope_memory(
 
     q: (B, T, H, d_h), conv+SiLU'd and L2-normalised by the model. Variant from params:
     n_mem = 5 (selfmod: give `a`, (B, T, H, d_h), or (B, T, 4, H, d_h): one input per projection
-    memory k, v, eta, alpha) or 1 (titans: give k, v (B, T, H, d_h),
+    memory k, v, eta, alpha; and eta, alpha (B, T, H) when params has no eta_w, eta_b, alpha_w, alpha_b:
+    rates read out of the input, not of M_eta, M_alpha) or 1 (titans: give k, v (B, T, H, d_h),
     L2-normalised, and eta in [0, eta_max], alpha in [0, 1], (B, T, H)). Depth 1 iff params.w1 is
     None; momentum iff params.gamma is not None. initial_state: None starts from the params'
     weights with zero momenta. cu_seqlens: (N+1,) int offsets of packed documents (B = 1); every
@@ -157,6 +158,22 @@ def _check_absent(name: str, x, why: str) -> None:
         raise ValueError(f"{name} must be None {why}")
 
 
+def _check_selfmod_rates(params: MemoryParams, eta, alpha, q) -> None:
+    """selfmod's eta and alpha: read out of M_eta, M_alpha (params.eta_w, ... given, eta and alpha None) or
+    given by the caller (eta and alpha (B, T, H), no read-out params)."""
+    batch, seq, heads, d_h = q.shape
+    given = eta is not None or alpha is not None
+    for name in ("eta_w", "eta_b", "alpha_w", "alpha_b"):
+        p = getattr(params, name)
+        if given:
+            _check_absent(f"params.{name}", p, "when selfmod's eta and alpha are given (rates read out of the input)")
+        else:
+            _check_shape(f"params.{name}", p, (heads, d_h) if name.endswith("_w") else (heads,), q)
+    if given:
+        for name, x in (("eta", eta), ("alpha", alpha)):
+            _check_shape(f"{name} (selfmod, given rates)", x, (batch, seq, heads), q)
+
+
 def _check_inputs(q, params, a, k, v, eta, alpha, initial_state, cu_seqlens, cu_seqlens_cpu, max_seqlen,
                   chunk_size, proj_chunk_size, eta_max, proj_rate, impl, flags: dict) -> int | None:
     """Every shape, dtype and flag combination, with errors naming the argument, and the limits of
@@ -187,12 +204,9 @@ def _check_inputs(q, params, a, k, v, eta, alpha, initial_state, cu_seqlens, cu_
     if n_mem == 5:
         a_shape = (batch, seq, heads, d_h) if a is None or a.dim() != 5 else (batch, seq, 4, heads, d_h)
         _check_shape("a (selfmod, n_mem = 5)", a, a_shape, q)
-        for name, x in (("k", k), ("v", v), ("eta", eta), ("alpha", alpha)):
+        for name, x in (("k", k), ("v", v)):
             _check_absent(name, x, "for selfmod (n_mem = 5): the projection memories produce it from a")
-        for name in ("eta_w", "alpha_w"):
-            _check_shape(f"params.{name}", getattr(params, name), (heads, d_h), q)
-        for name in ("eta_b", "alpha_b"):
-            _check_shape(f"params.{name}", getattr(params, name), (heads,), q)
+        _check_selfmod_rates(params, eta, alpha, q)
     else:
         _check_absent("a", a, "for titans (n_mem = 1): give k, v, eta, alpha instead")
         for name, x in (("k", k), ("v", v)):
@@ -250,9 +264,11 @@ def _check_inputs(q, params, a, k, v, eta, alpha, initial_state, cu_seqlens, cu_
     if impl == "triton":
         _check_triton(q, params)
         torch_only = [n for n in ("retain_init", "bound_step", "rate_norm") if flags[n]]
-        if torch_only or proj_rate != 1.0 or (a is not None and a.dim() == 5):
-            raise ValueError("retain_init, bound_step, rate_norm, proj_rate < 1 and per-memory inputs a "
-                             '(B, T, 4, H, d_h) have no Triton kernel yet: use impl="torch"')
+        selfmod_only = a is not None and (a.dim() == 5 or eta is not None)
+        if torch_only or proj_rate != 1.0 or selfmod_only:
+            raise ValueError("retain_init, bound_step, rate_norm, proj_rate < 1, per-memory inputs a "
+                             '(B, T, 4, H, d_h) and selfmod with given eta, alpha have no Triton kernel yet: '
+                             'use impl="torch"')
     return max_seqlen
 
 

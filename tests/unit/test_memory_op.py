@@ -34,6 +34,7 @@ class Case:
     bound_step: bool = False  # inner gradients bounded by their curvature
     proj_rate: float = 1.0  # selfmod: the projection memories' share of each update
     rate_norm: bool = False  # selfmod: eta and alpha read RMS-normalised memory outputs
+    given_rates: bool = False  # selfmod: eta and alpha given (read out of the input), no read-out params
 
 
 FACTORS = {
@@ -90,6 +91,9 @@ def make_problem(case: Case, batch: int = 2, seed: int = 0):
                               randn(HEADS, D_H, scale=0.3), randn(HEADS, scale=0.3, shift=5.5), gamma)
         a_shape = (batch, case.seq, 4, HEADS, D_H) if case.per_memory_a else shape
         inputs = {"a": F.silu(randn(*a_shape))}
+        if case.given_rates:
+            params = MemoryParams(w1, w2, gamma=gamma)
+            inputs.update(eta=uniform(0.01, 0.1, *shape[:3]), alpha=uniform(0.99, 1.0, *shape[:3]))
     else:
         params = MemoryParams(w1, w2, gamma=gamma)
         inputs = {"k": l2norm(randn(*shape)), "v": l2norm(randn(*shape)),
@@ -163,7 +167,8 @@ def _case_id(case: Case) -> str:
             f"x{case.proj_mult}-T{case.seq}-{str(case.dtype)[6:]}-{'state' if case.given_state else 'fresh'}"
             f"{'' if case.w1_delta else '-w1gated'}{'-retain' if case.retain_init else ''}"
             f"{'-amem' if case.per_memory_a else ''}{'-bound' if case.bound_step else ''}"
-            f"{'' if case.proj_rate == 1 else f'-prate{case.proj_rate}'}{'-ratenorm' if case.rate_norm else ''}")
+            f"{'' if case.proj_rate == 1 else f'-prate{case.proj_rate}'}{'-ratenorm' if case.rate_norm else ''}"
+            f"{'-givenrates' if case.given_rates else ''}")
 
 
 @pytest.mark.parametrize("case", CASES + [replace(c, w1_delta=False) for c in CASES if c.depth == 2], ids=_case_id)
@@ -201,6 +206,7 @@ OPTIONS += [replace(c, bound_step=True, w1_delta=w1_delta) for c in STRUCTURES i
 OPTIONS += [replace(c, proj_rate=r, retain_init=r == 0) for c in STRUCTURES
             if c.variant == "selfmod" for r in ((0.0, 0.4) if c.stopgrad else (0.4,))]
 OPTIONS += [replace(c, rate_norm=True) for c in STRUCTURES if c.variant == "selfmod"]
+OPTIONS += [replace(c, given_rates=True, proj_rate=0.5) for c in STRUCTURES if c.variant == "selfmod" and c.stopgrad]
 
 
 @pytest.mark.parametrize("case", OPTIONS, ids=_case_id)
@@ -493,6 +499,13 @@ def _bad_inputs():
         ("n_mem 3", with_params(w2=lambda p: p.w2[:3], w1=lambda p: p.w1[:3]), "n_mem"),
         ("w1 of wrong d_m", with_params(w1=lambda p: p.w1[..., :-1]), "params.w1"),
         ("missing eta_w", with_params(eta_w=lambda p: None), "params.eta_w"),
+        ("selfmod eta with read-outs", put(eta=torch.zeros(b, t, HEADS, dtype=torch.float64),
+                                           alpha=torch.ones(b, t, HEADS, dtype=torch.float64)),
+         "params.eta_w must be None"),
+        ("selfmod rates without alpha", then(with_params(eta_w=lambda p: None, eta_b=lambda p: None,
+                                                         alpha_w=lambda p: None, alpha_b=lambda p: None),
+                                             put(eta=torch.zeros(b, t, HEADS, dtype=torch.float64))), "alpha (selfmod"),
+        ("proj_rate above 1", put(proj_rate=1.5), "proj_rate must be in"),
         ("gamma per memory", with_params(gamma=lambda p: torch.zeros(5, HEADS, dtype=torch.float64)), "params.gamma"),
         ("cu_seqlens with B > 1", put(cu_seqlens=torch.tensor([0, 20, 40])), "B = 1"),
         ("titans without eta", then(titans, drop("eta")), "eta (titans"),
