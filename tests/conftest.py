@@ -50,10 +50,8 @@ def bpe_tokenizer(tmp_path_factory) -> Path:
 
 
 # pytest-xdist (`-n 2`, pyproject addopts) runs tests on two workers. Tests that share one machine-wide
-# resource stay on one worker, in file order: the SLURM cluster (apt-get, munge and the daemons) and
-# DeepSpeed's one-time JIT build of its comm op.
-SERIAL_MODULES = {"test_slurm_launch": "slurm", "test_launch_errors": "slurm", "test_faults": "slurm",
-                  "test_deepspeed": "deepspeed", "test_deepspeed_checkpoint": "deepspeed"}
+# resource stay on one worker, in file order: the SLURM cluster (apt-get, munge and the daemons).
+SERIAL_MODULES = {"test_slurm_launch": "slurm", "test_launch_errors": "slurm", "test_faults": "slurm"}
 
 
 # Started first, so that no worker is left running one of them alone at the end (longest first).
