@@ -301,24 +301,31 @@ def results_table(results: list[dict]) -> str:
         out = []
         for t, n, d in cells:
             r = best.get((m, t, n, d))
-            out.append("-" if r is None else f"{r['acc']:.3f} ({r['lr']:.0e}; {state_of(results, r) / 1024:.0f} KiB)"
-                       + (" *edge*" if _at_edge(results, r) else ""))
+            out.append("-" if r is None else f"{_seed_accs(results, r)} ({r['lr']:.0e}; "
+                       f"{state_of(results, r) / 1024:.0f} KiB)" + (" *edge*" if _at_edge(results, r) else ""))
         rows.append(f"| {label(m)} | " + " | ".join(out) + " |")
     return "\n".join(rows)
 
 
+def _seed_accs(results: list[dict], r: dict) -> str:
+    """The accuracies of every seed run at r's model, setting, width and rate, by seed, joined by /."""
+    same = sorted((x.get("seed", 0), x["acc"]) for x in results if (x["model"], x["seq_len"], x["pairs"], x["d"],
+                  x["lr"]) == (r["model"], r["seq_len"], r["pairs"], r["d"], r["lr"]))
+    return "/".join(f"{acc:.3f}" for _, acc in same)
+
+
 def runs_table(results: list[dict]) -> str:
     """Markdown: every run, with the memory-health probes of its trained model (layer 0)."""
-    rows = ["| model | T, pairs | d | lr | accuracy | steps | kv_cos | inner loss | eta | alpha | CPU s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | T, pairs | d | lr | seed | accuracy | steps | kv_cos | inner loss | eta | alpha | CPU s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = {m: i for i, m in enumerate([*MODELS, *VARIANTS])}
-    for r in sorted(results, key=lambda r: (r["seq_len"], r["d"], order[r["model"]], r["lr"])):
+    for r in sorted(results, key=lambda r: (r["seq_len"], r["d"], order[r["model"]], r["lr"], r.get("seed", 0))):
         h = (r.get("health") or {}).get("layer0") or {}
         probes = " | ".join(f"{h[k]:.3f}" if k in h else "-"
                             for k in ("kv_cos", "inner_loss", "eta_mean", "alpha_mean"))
         steps = f"diverged at {r['diverged_at']}" if r.get("diverged_at") is not None else r["steps_run"]
         rows.append(f"| {label(r['model'])} | {r['seq_len']}, {r['pairs']} | {r['d']} | {r['lr']:.0e} | "
-                    f"{r['acc']:.3f} | {steps} | {probes} | {r['cpu_s']:.0f} |")
+                    f"{r.get('seed', 0)} | {r['acc']:.3f} | {steps} | {probes} | {r['cpu_s']:.0f} |")
     return "\n".join(rows)
 
 
@@ -358,7 +365,8 @@ def write_report(results: list[dict], doc: Path, out: Path) -> None:
     a0 = results[0]["args"]
     vocab = "2 T" if all((r["args"]["vocab"] or 2 * r["seq_len"]) == 2 * r["seq_len"] for r in results) \
         else a0["vocab"]
-    body = (f"{BEGIN}\n\nBest accuracy over the learning-rate grid (that rate; recurrent state per layer and "
+    body = (f"{BEGIN}\n\nBest accuracy over the learning-rate grid (each seed's, by seed, joined by /; that rate; "
+            f"recurrent state per layer and "
             f"sequence, float32; attention: its KV cache at the end of the sequence). *edge*: the best rate is "
             f"at an edge of its grid. Vocabulary {vocab}, batch {a0['batch']}, up to {a0['steps']} "
             f"steps, head dim {a0['head_dim']}, memory chunk {a0['chunk_size']}; "

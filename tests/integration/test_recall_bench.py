@@ -19,7 +19,8 @@ def test_recall_bench_smoke_trains_resumes_and_reports(tmp_path):
     assert by_model["delta"] == 2 * 16 * 16 * 4, "depth-1 state: heads x d_h^2 floats"
     assert by_model["attention"] == 2 * 32 * 32 * 4, "KV cache: 2 x T x d floats"
     doc = (tmp_path / "RECALL.md").read_text()
-    assert "| 32, 2 | 32 |" in doc and (tmp_path / "RECALL.png").stat().st_size > 0
+    assert "| model | T 32, 2 pairs, d 32 |" in doc and "| delta rule (depth 1) | 32, 2 | 32 | 3e-03 | 0 |" in doc
+    assert (tmp_path / "RECALL.png").stat().st_size > 0
     again = subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, text=True)
     assert "acc=" not in again.stdout, "a rerun trains nothing that is already recorded"
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 4

@@ -173,3 +173,15 @@ def test_memories_stay_finite_on_repetitive_text_at_init(mixer, momentum):
     out = model(tok)
     assert torch.isfinite(out).all()
     assert out.abs().max() < 100
+
+
+@pytest.mark.parametrize("options, v_learns", [({}, False), ({"selfgen_values": "false"}, True),
+                                               ({"stopgrad_vhat": "false"}, True)])
+def test_value_memory_learns_only_through_undetached_targets(options, v_learns):
+    """v enters the op only through the targets vhat: with self-generated targets detached (the spec's
+    default) M_v's initial weights get no outer gradient at all (docs/model.md 2.3); the other memories do."""
+    model = tiny("selfmod", **options)
+    model(torch.randint(1, 64, (2, 32))).sum().backward()
+    grad = model.layers["0"].mixer.mem_w2.grad.flatten(1).norm(dim=1)  # per memory: k, v, eta, alpha, o
+    assert (grad[1] > 1e-6) == v_learns
+    assert all(grad[i] > 1e-8 for i in (0, 2, 3, 4))
