@@ -69,6 +69,12 @@ ABLATIONS = {
                      "M_0 (what the memory earns, issue 24)", ["--model.eta_max=0", "--model.retain_init=true"]),
     "hope-permem": ("one input per projection memory (k, v, eta, alpha), docs/model.md 2.10",
                     ["--model.memory_inputs=per_memory"]),
+    "hope-inrates": ("eta and alpha read out of x instead of M_eta, M_alpha (model.rates_from), docs/model.md 2.10",
+                     ["--model.rates_from=input"]),
+    "hope-d1-permconv-inrates": ("the recall fix (docs/RECALL.md): depth-1 memories, a conv per projection memory, "
+                                 "eta and alpha read out of x", ["--model.memory_depth=1",
+                                                                 "--model.memory_inputs=per_memory_conv",
+                                                                 "--model.rates_from=input"]),
     "hope-retain": ("retention toward M_0 instead of toward 0, docs/model.md 2.10", ["--model.retain_init=true"]),
     "hope-carry": ("state carried across consecutive segments of the same documents in training "
                    "(training.carry_state: data in lanes, truncated BPTT one segment deep)",

@@ -77,6 +77,10 @@ VARIANTS = {  # HOPE variants (docs/RECALL.md "Why HOPE missed"): name -> (label
                                         "memories, targets v, eta and alpha read out of x",
                                         {"mixer": "selfmod", "memory_depth": 1, "memory_inputs": "per_memory",
                                          "proj_rate": 0.0, "selfgen_values": False, "rates_from": "input"}),
+    "hope-d1-permconv-frozen-inrates": ("HOPE, depth 1, a conv per projection memory, static projection memories, "
+                                        "eta and alpha read out of x",
+                                        {"mixer": "selfmod", "memory_depth": 1, "memory_inputs": "per_memory_conv",
+                                         "proj_rate": 0.0, "rates_from": "input"}),
     "hope-inrates": ("HOPE, eta and alpha read out of x", {"mixer": "selfmod", "rates_from": "input"}),
     "hope-permconv-inrates": ("HOPE, a conv per projection memory, eta and alpha read out of x",
                               {"mixer": "selfmod", "memory_inputs": "per_memory_conv", "rates_from": "input"}),
