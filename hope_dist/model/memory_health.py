@@ -44,10 +44,9 @@ def memory_health(q: torch.Tensor, params: MemoryParams, inputs: dict, common: d
         part = {n: x[:, t0:t0 + span] for n, x in inputs.items()}
         w1, w2 = state.w1, state.w2
         if selfmod:
+            given = (heads_first(part["eta"]), heads_first(part["alpha"])) if "eta" in part else None
             k, v, eta, alpha = projections(None if w1 is None else w1[:, :4], w2[:, :4], heads_first(part["a"]),
-                                           params, common["eta_max"], common["rate_norm"])
-            if "eta" in part:  # rates read out of the input
-                eta, alpha = heads_first(part["eta"]), heads_first(part["alpha"])
+                                           params, common["eta_max"], common["rate_norm"], given)
         else:
             k, v, eta, alpha = (heads_first(part[n]) for n in ("k", "v", "eta", "alpha"))
         o1, o2 = (None if w1 is None else w1[:, -1:]), w2[:, -1:]

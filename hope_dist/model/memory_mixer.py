@@ -33,7 +33,7 @@ from hope_dist.model.memory_health import longest_document, memory_health
 from hope_dist.model.norms import RMSNorm
 from hope_dist.model.plan_types import ParamPlan, linear_plan, projections_plan
 from hope_dist.model.segments import Segments
-from kernels.hope_memory import hope_memory, l2norm
+from kernels.hope_memory import has_triton_path, hope_memory, l2norm
 from kernels.hope_memory.common import initial_memory_state
 from kernels.hope_memory.types import MemoryParams
 
@@ -159,9 +159,7 @@ class MemoryMixer(nn.Module):
         c = self.cfg
         if c.kernel != "auto":
             return c.kernel
-        torch_only = c.retain_init or c.bound_step or (self.selfmod and (c.proj_rate != 1.0 or c.rate_norm
-                                                                          or self.outer_rates))
-        triton_ok = not torch_only and c.memory_inputs == "shared"
+        triton_ok = has_triton_path(self._op_flags(), c.memory_inputs != "shared", self.selfmod and self.outer_rates)
         return "triton" if device.type == "cuda" and triton_ok else "torch"
 
     def forward(self, x: torch.Tensor, segs: Segments | None = None, state: dict | None = None,

@@ -37,11 +37,18 @@ from .common import l2norm
 from .naive import naive_hope_memory
 from .types import MEMORY_NAMES, MemoryParams, MemoryState
 
-__all__ = ["MEMORY_NAMES", "MemoryParams", "MemoryState", "hope_memory", "l2norm"]
+__all__ = ["MEMORY_NAMES", "MemoryParams", "MemoryState", "has_triton_path", "hope_memory", "l2norm"]
 
 IMPLS = ("naive", "torch", "triton")
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-TORCH_ONLY = ("retain_init", "bound_step", "proj_rate", "rate_norm")  # options only the PyTorch paths implement so far
+# options only the PyTorch paths implement so far, with the default at which the Triton kernels run
+TORCH_ONLY = {"retain_init": False, "bound_step": False, "proj_rate": 1.0, "rate_norm": False}
+
+
+def has_triton_path(options: dict, per_memory_inputs: bool = False, given_rates: bool = False) -> bool:
+    """Whether the Triton kernels implement a call with these keyword arguments of hope_memory (others are
+    ignored), per-memory inputs a (B, T, 4, H, d_h), and selfmod rates given by the caller."""
+    return not (per_memory_inputs or given_rates) and all(options.get(n, d) == d for n, d in TORCH_ONLY.items())
 
 
 def hope_memory(
@@ -104,9 +111,8 @@ def hope_memory(
     kwargs = dict(a=a, k=k, v=v, eta=eta, alpha=alpha, initial_state=initial_state,
                   output_final_state=output_final_state, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                   chunk_size=chunk_size, proj_chunk_size=proj_chunk_size, eta_max=eta_max, proj_rate=proj_rate,
-                  selfgen=selfgen,
-                  stopgrad_vhat=stopgrad_vhat, w1_delta=w1_delta, retain_init=retain_init, bound_step=bound_step,
-                  rate_norm=rate_norm)
+                  selfgen=selfgen, stopgrad_vhat=stopgrad_vhat, w1_delta=w1_delta, retain_init=retain_init,
+                  bound_step=bound_step, rate_norm=rate_norm)
     if impl == "triton":
         from .chunk import chunk_hope_memory
 
@@ -263,12 +269,10 @@ def _check_inputs(q, params, a, k, v, eta, alpha, initial_state, cu_seqlens, cu_
         _check_state(initial_state, params, n_seq, q)
     if impl == "triton":
         _check_triton(q, params)
-        torch_only = [n for n in ("retain_init", "bound_step", "rate_norm") if flags[n]]
-        selfmod_only = a is not None and (a.dim() == 5 or eta is not None)
-        if torch_only or proj_rate != 1.0 or selfmod_only:
-            raise ValueError("retain_init, bound_step, rate_norm, proj_rate < 1, per-memory inputs a "
-                             '(B, T, 4, H, d_h) and selfmod with given eta, alpha have no Triton kernel yet: '
-                             'use impl="torch"')
+        if not has_triton_path({**flags, "proj_rate": proj_rate}, a is not None and a.dim() == 5,
+                               a is not None and eta is not None):
+            raise ValueError(f"{', '.join(TORCH_ONLY)} away from their defaults, per-memory inputs a (B, T, 4, H, "
+                             'd_h) and selfmod with given eta, alpha have no Triton kernel yet: use impl="torch"')
     return max_seqlen
 
 

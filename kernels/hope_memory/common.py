@@ -40,17 +40,18 @@ def apply_memory(w1: torch.Tensor | None, w2: torch.Tensor, z: torch.Tensor) -> 
     return y if w1 is None else z + F.silu(y) @ w1.mT
 
 
-def projections(w1, w2, a, params: MemoryParams, eta_max: float, rate_norm: bool = False):
+def projections(w1, w2, a, params: MemoryParams, eta_max: float, rate_norm: bool = False, given=None):
     """k, v, eta, alpha of the self-modifying mixer from the projection memories (k, v, eta, alpha)
     at their chunk-start state w1/w2 (B, 4, H, ., .); a (B, 1, H, T, d_h), one input for all four,
     or (B, 4, H, T, d_h), one per memory. rate_norm: eta and alpha read M_eta's and M_alpha's outputs
     RMS-normalised (unit scale per element, like titans' read-outs of the normed residual).
-    Returns k, v (B, 1, H, T, d_h) and eta, alpha (B, 1, H, T); eta and alpha are None when params has
-    no read-outs (the caller gives them: rates read out of the input)."""
+    given: (eta, alpha) of these tokens when the caller gives the rates (read out of the input; params
+    then has no read-outs), else None.
+    Returns k, v (B, 1, H, T, d_h) and eta, alpha (B, 1, H, T)."""
     m = apply_memory(w1, w2, a)
     k, v = l2norm(m[:, 0:1]), l2norm(m[:, 1:2])
-    if params.eta_w is None:
-        return k, v, None, None
+    if given is not None:
+        return k, v, *given
     m_eta, m_alpha = m[:, 2:3], m[:, 3:4]
     if rate_norm:
         m_eta, m_alpha = (x * torch.rsqrt(x.square().mean(-1, keepdim=True) + L2NORM_EPS) for x in (m_eta, m_alpha))

@@ -50,9 +50,8 @@ def _naive_sequences(q, a, k, v, eta, alpha, state, params, chunk_size, proj_chu
         c2 = torch.cat([c2p, c2o], 1)
         tok = slice(t, t + 1)
         if selfmod:
-            k_t, v_t, eta_t, alpha_t = projections(c1p, c2p, a[..., tok, :], params, eta_max, rate_norm)
-            if eta is not None:  # rates given by the caller
-                eta_t, alpha_t = eta[..., tok], alpha[..., tok]
+            given = None if eta is None else (eta[..., tok], alpha[..., tok])
+            k_t, v_t, eta_t, alpha_t = projections(c1p, c2p, a[..., tok, :], params, eta_max, rate_norm, given)
         else:
             k_t, v_t, eta_t, alpha_t = k[..., tok, :], v[..., tok, :], eta[..., tok], alpha[..., tok]
         if selfmod and selfgen:

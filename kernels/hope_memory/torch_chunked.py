@@ -274,15 +274,13 @@ def _chunked_sequences(q, a, k, v, eta, alpha, state: MemoryState, params: Memor
                               one_minus_gamma, chunk_log_gamma, w1_delta, outs, init, bound_step, recompute=True)
         return torch.cat(outs, -2), state
 
-    def proj_step(state, a_p, p_valid, qs, given_eta, given_alpha):
-        """One proj-chunk: projections, the projection memories' update and M_o's chunks in it; given_eta
-        and given_alpha: the chunk's rates when the caller gives them (else None)."""
+    def proj_step(state, a_p, p_valid, qs, given):
+        """One proj-chunk: projections, the projection memories' update and M_o's chunks in it; given:
+        the chunk's (eta, alpha) when the caller gives the rates, else None."""
         proj = _select(state, slice(0, n_proj))
         init_p, init_o = (None, None) if init is None else (_select(init, slice(0, n_proj)),
                                                             _select(init, slice(n_proj, None)))
-        k_p, v_p, eta_p, alpha_p = projections(proj.w1, proj.w2, a_p, params, eta_max, rate_norm)
-        if given_eta is not None:
-            eta_p, alpha_p = given_eta, given_alpha
+        k_p, v_p, eta_p, alpha_p = projections(proj.w1, proj.w2, a_p, params, eta_max, rate_norm, given)
         if p_valid is not None:
             eta_p, alpha_p = torch.where(p_valid, eta_p, 0.0), torch.where(p_valid, alpha_p, 1.0)
         scale = _grad_scale(p_valid, one_minus_gamma)
@@ -305,8 +303,7 @@ def _chunked_sequences(q, a, k, v, eta, alpha, state: MemoryState, params: Memor
     valid_p, eta_c, alpha_c = (_pieces(x, proj_chunk_size) for x in (valid, eta, alpha))
     for i, a_p in enumerate(_pieces(a, proj_chunk_size)):
         state, reads = _step(proj_step, state, a_p, None if valid is None else valid_p[i],
-                             q_c[i * per:(i + 1) * per], None if eta is None else eta_c[i],
-                             None if alpha is None else alpha_c[i])
+                             q_c[i * per:(i + 1) * per], None if eta is None else (eta_c[i], alpha_c[i]))
         outs.extend(reads)
     return torch.cat(outs, -2), state
 
