@@ -33,66 +33,44 @@ MODELS = {  # name -> (label, ModelConfig overrides)
     "hope": ("HOPE", {"mixer": "selfmod"}),
     "delta": ("delta rule (depth 1)", {"mixer": "titans", "memory_depth": 1, "momentum": False}),
 }
+# building blocks of the issue-24 ablation's variants (docs/RECALL.md "Why HOPE missed")
+D1_CONV = {"mixer": "selfmod", "memory_depth": 1, "memory_inputs": "per_memory_conv"}
+D1_PROJ = {"mixer": "selfmod", "memory_depth": 1, "memory_inputs": "per_memory"}
+STATIC, TARGETS_V, IN_RATES = {"proj_rate": 0.0}, {"selfgen_values": False}, {"rates_from": "input"}
 VARIANTS = {  # HOPE variants (docs/RECALL.md "Why HOPE missed"): name -> (label, overrides)
     "hope-permem": ("HOPE, one input per projection memory", {"mixer": "selfmod", "memory_inputs": "per_memory"}),
     "hope-permconv": ("HOPE, one projection and a conv per projection memory",
                       {"mixer": "selfmod", "memory_inputs": "per_memory_conv"}),
     "hope-d1": ("HOPE with depth-1 (linear) memories", {"mixer": "selfmod", "memory_depth": 1}),
-    "hope-d1-permconv": ("HOPE, depth 1, a conv per projection memory",
-                         {"mixer": "selfmod", "memory_depth": 1, "memory_inputs": "per_memory_conv"}),
-    "hope-frozen": ("HOPE, static projection memories (proj_rate 0)", {"mixer": "selfmod", "proj_rate": 0.0}),
+    "hope-d1-permconv": ("HOPE, depth 1, a conv per projection memory", D1_CONV),
     "hope-d1-permconv-frozen": ("HOPE, depth 1, a conv per projection memory, static projection memories",
-                                {"mixer": "selfmod", "memory_depth": 1, "memory_inputs": "per_memory_conv",
-                                 "proj_rate": 0.0}),
-    "hope-d1-permconv-slow": ("HOPE, depth 1, a conv per projection memory, projection memories at 0.1 of the rate",
-                              {"mixer": "selfmod", "memory_depth": 1, "memory_inputs": "per_memory_conv",
-                               "proj_rate": 0.1}),
+                                {**D1_CONV, **STATIC}),
+    "hope-d1-permconv-v": ("HOPE, depth 1, a conv per projection memory, targets v", {**D1_CONV, **TARGETS_V}),
+    "hope-d1-permconv-frozen-v": ("HOPE, depth 1, a conv per projection memory, static projection memories, "
+                                  "targets v", {**D1_CONV, **STATIC, **TARGETS_V}),
+    "hope-d1-permconv-ratenorm": ("HOPE, depth 1, a conv per projection memory, RMS-normalised rate read-outs",
+                                  {**D1_CONV, "rate_norm": True}),
+    "hope-d1-permconv-inrates": ("HOPE, depth 1, a conv per projection memory, eta and alpha read out of x",
+                                 {**D1_CONV, **IN_RATES}),
+    "hope-d1-permconv-frozen-inrates": ("HOPE, depth 1, a conv per projection memory, static projection memories, "
+                                        "eta and alpha read out of x", {**D1_CONV, **STATIC, **IN_RATES}),
+    "hope-d1-permem-frozen-v": ("HOPE, depth 1, one input per projection memory, static projection memories, "
+                                "targets v", {**D1_PROJ, **STATIC, **TARGETS_V}),
+    "hope-d1-permem-frozen-v-ratenorm": ("HOPE, depth 1, one input per projection memory, static projection "
+                                         "memories, targets v, RMS-normalised rate read-outs",
+                                         {**D1_PROJ, **STATIC, **TARGETS_V, "rate_norm": True}),
+    "hope-d1-permem-frozen-v-inrates": ("HOPE, depth 1, one input per projection memory, static projection "
+                                        "memories, targets v, eta and alpha read out of x",
+                                        {**D1_PROJ, **STATIC, **TARGETS_V, **IN_RATES}),
+    "hope-inrates": ("HOPE, eta and alpha read out of x", {"mixer": "selfmod", **IN_RATES}),
+    "hope-permconv-inrates": ("HOPE, a conv per projection memory, eta and alpha read out of x",
+                              {"mixer": "selfmod", "memory_inputs": "per_memory_conv", **IN_RATES}),
     "hope-bound": ("HOPE, curvature-bounded inner step", {"mixer": "selfmod", "bound_step": True}),
     "hope-retain": ("HOPE, retention toward M_0", {"mixer": "selfmod", "retain_init": True}),
     "hope-permem-retain": ("HOPE, per-memory inputs + retention toward M_0",
                            {"mixer": "selfmod", "memory_inputs": "per_memory", "retain_init": True}),
     "hope-w1std": ("HOPE, W1 init std 0.5 (memories far from identity)", {"mixer": "selfmod", "memory_w1_std": 0.5}),
     "hope-v": ("HOPE, targets v (not self-generated)", {"mixer": "selfmod", "selfgen_values": False}),
-    "hope-gradv": ("HOPE, outer gradient through the self-generated targets (stopgrad_vhat false)",
-                   {"mixer": "selfmod", "stopgrad_vhat": False}),
-    "hope-d1-permconv-v": ("HOPE, depth 1, a conv per projection memory, targets v",
-                           {"mixer": "selfmod", "memory_depth": 1, "memory_inputs": "per_memory_conv",
-                            "selfgen_values": False}),
-    "hope-d1-permconv-frozen-v": ("HOPE, depth 1, a conv per projection memory, static projection memories, "
-                                  "targets v", {"mixer": "selfmod", "memory_depth": 1,
-                                                "memory_inputs": "per_memory_conv", "proj_rate": 0.0,
-                                                "selfgen_values": False}),
-    "hope-d1-permconv-frozen-gradv": ("HOPE, depth 1, a conv per projection memory, static projection memories, "
-                                      "outer gradient through the targets",
-                                      {"mixer": "selfmod", "memory_depth": 1, "memory_inputs": "per_memory_conv",
-                                       "proj_rate": 0.0, "stopgrad_vhat": False}),
-    "hope-d1-permem-frozen-v": ("HOPE, depth 1, one input per projection memory, static projection memories, "
-                                "targets v", {"mixer": "selfmod", "memory_depth": 1, "memory_inputs": "per_memory",
-                                              "proj_rate": 0.0, "selfgen_values": False}),
-    "hope-d1-permem-frozen-v-ratenorm": ("HOPE, depth 1, one input per projection memory, static projection "
-                                         "memories, targets v, RMS-normalised rate read-outs",
-                                         {"mixer": "selfmod", "memory_depth": 1, "memory_inputs": "per_memory",
-                                          "proj_rate": 0.0, "selfgen_values": False, "rate_norm": True}),
-    "hope-d1-permem-frozen-v-inrates": ("HOPE, depth 1, one input per projection memory, static projection "
-                                        "memories, targets v, eta and alpha read out of x",
-                                        {"mixer": "selfmod", "memory_depth": 1, "memory_inputs": "per_memory",
-                                         "proj_rate": 0.0, "selfgen_values": False, "rates_from": "input"}),
-    "hope-d1-permconv-frozen-inrates": ("HOPE, depth 1, a conv per projection memory, static projection memories, "
-                                        "eta and alpha read out of x",
-                                        {"mixer": "selfmod", "memory_depth": 1, "memory_inputs": "per_memory_conv",
-                                         "proj_rate": 0.0, "rates_from": "input"}),
-    "hope-inrates": ("HOPE, eta and alpha read out of x", {"mixer": "selfmod", "rates_from": "input"}),
-    "hope-permconv-inrates": ("HOPE, a conv per projection memory, eta and alpha read out of x",
-                              {"mixer": "selfmod", "memory_inputs": "per_memory_conv", "rates_from": "input"}),
-    "hope-d1-permconv-inrates": ("HOPE, depth 1, a conv per projection memory, eta and alpha read out of x",
-                                 {"mixer": "selfmod", "memory_depth": 1, "memory_inputs": "per_memory_conv",
-                                  "rates_from": "input"}),
-    "hope-ratenorm": ("HOPE, RMS-normalised rate read-outs", {"mixer": "selfmod", "rate_norm": True}),
-    "hope-d1-permconv-ratenorm": ("HOPE, depth 1, a conv per projection memory, RMS-normalised rate read-outs",
-                                  {"mixer": "selfmod", "memory_depth": 1, "memory_inputs": "per_memory_conv",
-                                   "rate_norm": True}),
-    "hope-frozen-gradv": ("HOPE, static projection memories, outer gradient through the targets",
-                          {"mixer": "selfmod", "proj_rate": 0.0, "stopgrad_vhat": False}),
     "hope-alpha": ("HOPE, initial retention 0.999", {"mixer": "selfmod", "alpha_init": 0.999}),
     "hope-nowrite": ("HOPE, no writes (memories stay at M_0)",
                      {"mixer": "selfmod", "eta_max": 0.0, "retain_init": True}),

@@ -211,9 +211,9 @@ OPTIONS += [replace(c, given_rates=True, proj_rate=0.5) for c in STRUCTURES if c
 
 @pytest.mark.parametrize("case", OPTIONS, ids=_case_id)
 def test_chunked_matches_naive_with_options(case: Case):
-    """Retention toward M_0, per-memory inputs, the bounded step and the projection memories' rate
-    (docs/model.md section 2.10), every structure, float64, with an initial state (so the anchor M_0
-    differs from where the state starts)."""
+    """Retention toward M_0, per-memory inputs, the bounded step, the projection memories' rate, normalised
+    rate read-outs and rates given by the caller (docs/model.md section 2.10), every structure, float64,
+    with an initial state (so the anchor M_0 differs from where the state starts)."""
     test_chunked_matches_naive(case)
 
 
