@@ -41,6 +41,8 @@ MODELS = ("hope", "titans", "transformer")
 LABELS = {"hope": "HOPE", "titans": "Titans", "transformer": "Transformer++"}
 COLORS = {"hope": "C0", "titans": "C2", "transformer": "C3"}
 # HOPE variants for the ablation stage: name -> (what it tests, overrides of hope_SIZE.yaml)
+RECALL_FIX = ["--model.memory_depth=1", "--model.memory_inputs=per_memory_conv", "--model.rates_from=input"]
+CARRY_G16 = ["--training.carry_state=true", "--data.lane_groups=16"]
 ABLATIONS = {
     "hope-default": ("none: the baseline at the ablations' horizon", []),
     "hope-p1": ("CMS clocks off: all four levels of period 1",
@@ -72,13 +74,17 @@ ABLATIONS = {
     "hope-inrates": ("eta and alpha read out of x instead of M_eta, M_alpha (model.rates_from), docs/model.md 2.10",
                      ["--model.rates_from=input"]),
     "hope-d1-permconv-inrates": ("the recall fix (docs/RECALL.md): depth-1 memories, a conv per projection memory, "
-                                 "eta and alpha read out of x", ["--model.memory_depth=1",
-                                                                 "--model.memory_inputs=per_memory_conv",
-                                                                 "--model.rates_from=input"]),
+                                 "eta and alpha read out of x", RECALL_FIX),
     "hope-retain": ("retention toward M_0 instead of toward 0, docs/model.md 2.10", ["--model.retain_init=true"]),
     "hope-carry": ("state carried across consecutive segments of the same documents in training "
                    "(training.carry_state: data in lanes, truncated BPTT one segment deep)",
                    ["--training.carry_state=true"]),
+    "hope-carry-g16": ("state carried in training, lanes in 16 groups taking turns (data.lane_groups), so "
+                       "consecutive steps read different documents", CARRY_G16),
+    "hope-fix-carry-g16": ("the recall fix with its state carried in training, lanes in 16 groups",
+                           RECALL_FIX + CARRY_G16),
+    "hope-fix-lanes-g16": ("the recall fix in the same 16 lane groups, every row starting fresh (the control "
+                           "of hope-fix-carry-g16)", RECALL_FIX + ["--data.order=lanes", "--data.lane_groups=16"]),
 }
 BEGIN, END = "<!-- results:begin (bench/bench_quality.py writes this part) -->", "<!-- results:end -->"
 

@@ -1,7 +1,8 @@
 """training.carry_state: the fast-weight state each row of this rank hands from one step to the next.
 
-The data stream reads the corpus in lanes (data/samples.py), so row b of the next step continues
-row b of this one. Every forward that trains (one per micro-batch, or per pipeline stage and
+The data stream reads the corpus in lanes (data/samples.py), so row b of a step continues row b of
+the step before that read the same lane group (the step before, with data.lane_groups = 1); each group
+keeps its own states. Every forward that trains (one per micro-batch, or per pipeline stage and
 microbatch) starts from the state its key kept a step earlier and keeps the state it ends with,
 detached: truncated backpropagation through time, one segment deep. Under tensor parallelism each
 rank keeps its own heads' state; under pipeline parallelism each stage keeps its layers'.
@@ -82,4 +83,5 @@ def layout_of(cfg, dp_size: int) -> dict:
     """The settings a rank's carried states are keyed and shaped by."""
     p, t = cfg.parallel, cfg.training
     return {"dp": dp_size, "tp": p.tp, "pp": p.pp, "pp_schedule": p.pp_schedule, "pp_microbatches": p.pp_microbatches,
-            "global_batch": t.global_batch, "micro_batch": t.micro_batch}
+            "global_batch": t.global_batch, "micro_batch": t.micro_batch,
+            "lane_groups": cfg.data.lane_groups}

@@ -265,9 +265,14 @@ class DataConfig:
     order: Literal["shuffled", "lanes"] = "shuffled"
     """shuffled samples, or lanes: row b of every global batch reads the next segment of lane b (one dataset;
     training.carry_state reads lanes whatever this says)"""
+    lane_groups: int = 1
+    """with lanes: lane_groups x global_batch lanes in groups of global_batch, step s reading group
+    s % lane_groups, so consecutive steps read different documents (more: less correlated batches, one
+    carried state per group)"""
 
     def __post_init__(self) -> None:
         check_choices(self)
+        _positive(self, "lane_groups")
         _check(self, "valid_fraction", 0 <= self.valid_fraction < 1, "must be in [0, 1): the share of training "
                "documents held out for validation")
 
@@ -416,6 +421,9 @@ def _validate_carry_state(cfg: JobConfig) -> None:
         raise ConfigError(f"data in lanes (data.order=lanes or training.carry_state=true) reads one dataset, but "
                           f"data.paths holds {len(cfg.data.paths)}: tokenize them into one dataset, or use "
                           f"data.order=shuffled and training.carry_state=false")
+    if cfg.data.lane_groups > 1 and not cfg.data_in_lanes:
+        raise ConfigError(f"data.lane_groups={cfg.data.lane_groups} groups lanes, but the data is shuffled: set "
+                          f"data.order=lanes or training.carry_state=true, or data.lane_groups=1")
     if not cfg.training.carry_state:
         return
     if not cfg.model.mixer_spec.recurrent:

@@ -89,7 +89,7 @@ class Trainer:
                                        global_batch=t.global_batch, dp_rank=self.dp_rank,
                                        dp_size=self.dp_size, seed=t.seed, eod_id=cfg.data.eod_id,
                                        tokenizer=cfg.data.tokenizer, valid_fraction=cfg.data.valid_fraction,
-                                       lanes=cfg.data_in_lanes)
+                                       lanes=cfg.data_in_lanes, lane_groups=cfg.data.lane_groups)
         if self.data.vocab_size > cfg.model.vocab_size:
             raise DataError(
                 f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "
@@ -241,7 +241,7 @@ class Trainer:
             else:
                 carry = self.carried.carry_mask(batch["prev"].to(self.device)).split(mb)
                 for i, (tok, lab) in enumerate(zip(tokens.split(mb), labels.split(mb))):
-                    loss_sum += self._forward_loss(tok, lab, key=f"m{i}", carry=carry[i])
+                    loss_sum += self._forward_loss(tok, lab, key=f"g{batch['group']}m{i}", carry=carry[i])
         loss_sum = self.faults.loss(loss_sum, self.step, last_replica=self.dp_rank == self.dp_size - 1)
         stats = self._global_sums(loss_sum, labels.numel())
         step_tokens = int(stats[1].item())

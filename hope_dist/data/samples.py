@@ -7,8 +7,10 @@ shorter than a sample is dropped. Sample ``i`` of the never-ending stream is sam
 ``i % per_epoch`` of epoch ``i // per_epoch``, so any position is reachable without replay.
 
 With ``lanes = G`` (training.carry_state) the samples are not shuffled: the epoch's stream is cut into G
-lanes of equal length and global sample ``j = s*G + b`` is step s of lane b, so row b of consecutive
-global batches reads consecutive segments of the same documents.
+lanes of equal length and sample ``j = s*G + b`` of the epoch is step s of lane b. With G = global_batch,
+row b of consecutive global batches reads consecutive segments of the same documents; with G = k x
+global_batch (data.lane_groups = k), global step s reads the lanes of group s % k, so consecutive steps
+read different documents and each lane advances every k steps.
 """
 
 import logging

@@ -5,9 +5,10 @@ The global stream is fixed by the datasets, weights, ``seq_len`` and ``seed`` al
 ``[r*gb/dp, (r+1)*gb/dp)``, so ranks see disjoint samples whose union is the dp=1 batch, and the
 only resume state is the number of global samples consumed, whatever the dp size was.
 
-With ``lanes`` (training.carry_state) row b of every global batch is lane b of the dataset
-(samples.py), and each batch also carries ``prev``: the token before each row in its lane (-1 at a
-lane's start), from which the trainer decides whether a row continues the state it carried.
+With ``lanes`` (training.carry_state) the dataset is read in ``lane_groups`` groups of ``global_batch``
+lanes (samples.py): row b of global step s is lane b of group s % lane_groups. Each batch also carries
+``prev``, the token before each row in its lane (-1 at a lane's start), from which the trainer decides
+whether a row continues the state it carried, and ``group``, the group whose state it continues.
 """
 
 import logging
@@ -60,6 +61,7 @@ class TrainStream:
         out = {"tokens": batch[:, :-1].contiguous(), "labels": batch[:, 1:].contiguous()}
         if self.lanes:
             out["prev"] = torch.tensor([self.datasets[0].previous_token(j) for j in range(first, first + local)])
+            out["group"] = first // self.global_batch % (self.lanes // self.global_batch)
         return out
 
     def _out_of_vocabulary(self, first: int, rows: np.ndarray) -> None:
@@ -90,9 +92,9 @@ class TrainStream:
 def build_train_stream(paths: list[str], weights: list[float] | None, *, seq_len: int,
                        global_batch: int, dp_rank: int, dp_size: int, seed: int,
                        eod_id: int | None = None, tokenizer: str | None = None,
-                       valid_fraction: float = 0.0, lanes: bool = False) -> TrainStream:
-    """Open the datasets and check every argument; errors say which one and how to fix it. lanes: one
-    lane per row of the global batch (training.carry_state)."""
+                       valid_fraction: float = 0.0, lanes: bool = False, lane_groups: int = 1) -> TrainStream:
+    """Open the datasets and check every argument; errors say which one and how to fix it. lanes: read
+    in lane_groups groups of one lane per row of the global batch (training.carry_state)."""
     if isinstance(paths, (str, os.PathLike)) or not paths:
         raise DataError(f"data.paths must be a non-empty list of dataset prefixes (PREFIX of PREFIX.bin/.idx), "
                         f"got {paths!r}")
@@ -113,15 +115,17 @@ def build_train_stream(paths: list[str], weights: list[float] | None, *, seq_len
         raise DataError(f"data in lanes (data.order=lanes or training.carry_state=true) reads one dataset, but "
                         f"data.paths holds {len(paths)}: a blend would switch a row between datasets mid-document; "
                         f"tokenize them into one dataset, or use data.order=shuffled and training.carry_state=false")
+    if lane_groups < 1:
+        raise DataError(f"lane_groups={lane_groups} must be >= 1 (data.lane_groups)")
     files = [TokenFile(p) for p in paths]
+    n_lanes = global_batch * lane_groups if lanes else 0
     if weights is None:  # plain concatenation: each dataset in proportion to its size
         weights = [float(f.num_tokens) for f in files]
     if valid_fraction > 0:  # the held-out documents (data/validation.py) never enter training
         datasets = [DatasetSamples(f, seq_len, seed, k, split_documents(f.num_documents, valid_fraction)[0],
-                                   lanes=global_batch if lanes else 0) for k, f in enumerate(files)]
+                                   lanes=n_lanes) for k, f in enumerate(files)]
     else:
-        datasets = [DatasetSamples(f, seq_len, seed, k, lanes=global_batch if lanes else 0)
-                    for k, f in enumerate(files)]
+        datasets = [DatasetSamples(f, seq_len, seed, k, lanes=n_lanes) for k, f in enumerate(files)]
 
     vocab_size, tok_eod = tokenizer_info(tokenizer) if tokenizer else (None, None)
     if vocab_size is None:

@@ -66,10 +66,11 @@ def test_mesh_dp2_tp2_resume_is_bit_exact(random_dataset, tmp_path, mesh_run):
 
 
 def test_pp2_resume_is_bit_exact(random_dataset, tmp_path):
-    """With training.carry_state, so each stage's carried states (per microbatch) resume too."""
+    """With training.carry_state in two lane groups, so each stage's carried states (per group and
+    microbatch) resume too."""
     prefix, vocab, eod = random_dataset
     full = tmp_path / "full"
-    pp2 = {**PP2, "training.carry_state": True}
+    pp2 = {**PP2, "training.carry_state": True, "data.lane_groups": 2}
     torchrun(2, tiny_overrides(prefix, vocab, eod, full, **pp2))
     assert {"carry.rank0", "carry.rank1"} <= stored_keys(full / "checkpoints" / "step-3")
     resumed = tmp_path / "resumed"

@@ -90,7 +90,8 @@ def test_in_context_cms_memory_options_and_carried_state_tp2_and_pp2_match_singl
     cms = {"model.cms_in_context": True, "model.cms": "[{width: 32, period: 1, chunk_size: 8}, {width: 32, period: 2, "
            "chunk_size: 16}, {width: 32, period: 3}]",
            "model.memory_inputs": "per_memory", "model.retain_init": True, "model.bound_step": True,
-           "model.proj_rate": 0.5, "model.rate_norm": True, "model.rates_from": "input", "training.carry_state": True}
+           "model.proj_rate": 0.5, "model.rate_norm": True, "model.rates_from": "input", "training.carry_state": True,
+           "data.lane_groups": 2}
     ref = single_process(random_dataset, tmp_path / "ref", **cms)
     layouts = {"tp2": {"parallel.tp": 2}, "pp2": {"parallel.pp": 2, "parallel.pp_microbatches": 2}}
     results = run_layouts({n: overrides(random_dataset, tmp_path / n, **cms, **lay) for n, lay in layouts.items()},
