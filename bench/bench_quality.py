@@ -136,7 +136,8 @@ def run_one(job: dict, args) -> dict:
         if (run_dir / "metrics.jsonl").is_file() else []
     tokens_per_step = cfg.training.global_batch * cfg.training.seq_len
     steps = cfg.training.steps
-    rec = {**{k: job[k] for k in ("name", "kind", "model", "seed", "lr", "overrides")}, "size": args.size,
+    rec = {**{k: job[k] for k in ("name", "kind", "model", "overrides")}, "size": args.size,
+           "seed": cfg.training.seed, "lr": cfg.optim.lr,  # as run: an override given last wins
            "ablation": job.get("ablation"),
            "steps": steps, "tokens": steps * tokens_per_step,
            "finished": code == 0 and (run_dir / "COMPLETE").is_file(),

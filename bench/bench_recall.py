@@ -37,6 +37,7 @@ MODELS = {  # name -> (label, ModelConfig overrides)
 D1_CONV = {"mixer": "selfmod", "memory_depth": 1, "memory_inputs": "per_memory_conv"}
 D1_PROJ = {"mixer": "selfmod", "memory_depth": 1, "memory_inputs": "per_memory"}
 STATIC, TARGETS_V, IN_RATES = {"proj_rate": 0.0}, {"selfgen_values": False}, {"rates_from": "input"}
+W2_GD = {"w2_delta": False}  # depth 2: W2 by gradient descent, its delta factor erased the key's hidden features
 VARIANTS = {  # HOPE variants (docs/RECALL.md "Why HOPE missed"): name -> (label, overrides)
     "hope-permem": ("HOPE, one input per projection memory", {"mixer": "selfmod", "memory_inputs": "per_memory"}),
     "hope-permconv": ("HOPE, one projection and a conv per projection memory",
@@ -65,6 +66,10 @@ VARIANTS = {  # HOPE variants (docs/RECALL.md "Why HOPE missed"): name -> (label
     "hope-inrates": ("HOPE, eta and alpha read out of x", {"mixer": "selfmod", **IN_RATES}),
     "hope-permconv-inrates": ("HOPE, a conv per projection memory, eta and alpha read out of x",
                               {"mixer": "selfmod", "memory_inputs": "per_memory_conv", **IN_RATES}),
+    "hope-permconv-inrates-w2gd": ("HOPE, a conv per projection memory, eta and alpha read out of x, W2 without the "
+                                   "delta factor", {"mixer": "selfmod", "memory_inputs": "per_memory_conv",
+                                                    **IN_RATES, **W2_GD}),
+    "titans-w2gd": ("Titans, W2 without the delta factor", {"mixer": "titans", **W2_GD}),
     "hope-bound": ("HOPE, curvature-bounded inner step", {"mixer": "selfmod", "bound_step": True}),
     "hope-retain": ("HOPE, retention toward M_0", {"mixer": "selfmod", "retain_init": True}),
     "hope-permem-retain": ("HOPE, per-memory inputs + retention toward M_0",

@@ -84,6 +84,9 @@ class ModelConfig:
     """no outer gradient through the self-generated targets"""
     w1_delta: bool = True
     """depth 2: the delta rule on W1 too (docs/memory_op.md); false: the spec's gated W1"""
+    w2_delta: bool = True
+    """the spec's factor (alpha I - eta k k^T) on W2 (depth 1: the memory's W); false: gradient descent with
+    retention, which at depth 2 keeps the hidden features of the key just written (docs/model.md 2.10)"""
     momentum: bool | None = None
     """an EMA of the memories' inner gradients; null: off for selfmod, on for titans (spec section 1)"""
     conv_width: int = 4

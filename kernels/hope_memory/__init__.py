@@ -42,7 +42,7 @@ __all__ = ["MEMORY_NAMES", "MemoryParams", "MemoryState", "has_triton_path", "ho
 IMPLS = ("naive", "torch", "triton")
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # options only the PyTorch paths implement so far, with the default at which the Triton kernels run
-TORCH_ONLY = {"retain_init": False, "bound_step": False, "proj_rate": 1.0, "rate_norm": False}
+TORCH_ONLY = {"retain_init": False, "bound_step": False, "proj_rate": 1.0, "rate_norm": False, "w2_delta": True}
 
 
 def has_triton_path(options: dict, per_memory_inputs: bool = False, given_rates: bool = False) -> bool:
@@ -72,6 +72,7 @@ def hope_memory(
     selfgen: bool = True,
     stopgrad_vhat: bool = True,
     w1_delta: bool = True,
+    w2_delta: bool = True,
     retain_init: bool = False,
     bound_step: bool = False,
     rate_norm: bool = False,
@@ -96,6 +97,9 @@ def hope_memory(
     selfgen: vhat_* = M_{*,c}(v_t) (selfmod only); stopgrad_vhat detaches those targets.
     w1_delta (depth 2): W1 follows the delta rule along its unit input l2norm(h) (the default, stable;
     docs/memory_op.md), else the spec's gated update alpha W1 - eta S1.
+    w2_delta: W2 (depth 1: the memory's W) takes the spec's factor (alpha I - eta k k^T) (the default), else
+    gradient descent with retention alpha W2 - eta S2 (at depth 2 the factor erases the hidden
+    features of the key just written; at depth 1, false is the plain delta rule: docs/model.md 2.10).
     retain_init: retention alpha decays the deviation from the memories' initial weights M_0 (the
     params' w1, w2), W_t = (rule's W_t) + (1 - alpha_t) M_0, instead of the weights themselves.
     bound_step: each token's inner gradient is divided by the inner loss's curvature along it when that
@@ -105,13 +109,15 @@ def hope_memory(
     Returns (o (B, T, H, d_h), final MemoryState if output_final_state else None).
     """
     flags = dict(output_final_state=output_final_state, selfgen=selfgen, stopgrad_vhat=stopgrad_vhat,
-                 w1_delta=w1_delta, retain_init=retain_init, bound_step=bound_step, rate_norm=rate_norm)
+                 w1_delta=w1_delta, w2_delta=w2_delta, retain_init=retain_init, bound_step=bound_step,
+                 rate_norm=rate_norm)
     max_seqlen = _check_inputs(q, params, a, k, v, eta, alpha, initial_state, cu_seqlens, cu_seqlens_cpu,
                                max_seqlen, chunk_size, proj_chunk_size, eta_max, proj_rate, impl, flags)
     kwargs = dict(a=a, k=k, v=v, eta=eta, alpha=alpha, initial_state=initial_state,
                   output_final_state=output_final_state, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                   chunk_size=chunk_size, proj_chunk_size=proj_chunk_size, eta_max=eta_max, proj_rate=proj_rate,
-                  selfgen=selfgen, stopgrad_vhat=stopgrad_vhat, w1_delta=w1_delta, retain_init=retain_init,
+                  selfgen=selfgen, stopgrad_vhat=stopgrad_vhat, w1_delta=w1_delta, w2_delta=w2_delta,
+                  retain_init=retain_init,
                   bound_step=bound_step, rate_norm=rate_norm)
     if impl == "triton":
         from .chunk import chunk_hope_memory

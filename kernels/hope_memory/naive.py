@@ -29,7 +29,7 @@ def inner_grad_factors(w1, w2, k, vhat):
 
 
 def _naive_sequences(q, a, k, v, eta, alpha, state, params, chunk_size, proj_chunk_size, eta_max, proj_rate,
-                     rate_norm, selfgen, stopgrad_vhat, w1_delta, retain_init, bound_step):
+                     rate_norm, selfgen, stopgrad_vhat, w1_delta, w2_delta, retain_init, bound_step):
     """Sequences that all start at a chunk boundary, in the internal layout; returns (o, state)."""
     w1, w2, s1, s2 = state
     w1_0, w2_0 = (params.w1, params.w2) if retain_init else (None, None)
@@ -69,7 +69,11 @@ def _naive_sequences(q, a, k, v, eta, alpha, state, params, chunk_size, proj_chu
             alpha_t = torch.cat([alpha_p.expand(-1, n_proj, -1, -1, -1), alpha_t], 1)
         g2 = u.mT @ k_t
         s2 = g2 if gamma is None else gamma * s2 + (1 - gamma) * g2
-        w2 = retain_toward(w2 @ (alpha_t * eye - eta_t * k_t.mT @ k_t) - eta_t * s2, w2_0, alpha_t)
+        if w2_delta:  # the spec's delta gradient descent: the factor (alpha I - eta k k^T) on W2
+            w2 = w2 @ (alpha_t * eye - eta_t * k_t.mT @ k_t) - eta_t * s2
+        else:  # gradient descent with retention only
+            w2 = alpha_t * w2 - eta_t * s2
+        w2 = retain_toward(w2, w2_0, alpha_t)
         if w1 is not None:
             g1 = e.mT @ h
             s1 = g1 if gamma is None else gamma * s1 + (1 - gamma) * g1
@@ -89,7 +93,8 @@ def naive_hope_memory(q, params: MemoryParams, *, a=None, k=None, v=None, eta=No
                       initial_state: MemoryState | None = None, output_final_state: bool = False,
                       cu_seqlens=None, chunk_size: int = 64, proj_chunk_size: int = 64, eta_max: float = 1.0,
                       proj_rate: float = 1.0, rate_norm: bool = False, selfgen: bool = True, stopgrad_vhat: bool = True,
-                      w1_delta: bool = True, retain_init: bool = False, bound_step: bool = False):
+                      w1_delta: bool = True, w2_delta: bool = True, retain_init: bool = False,
+                      bound_step: bool = False):
     """Reference path of `kernels.hope_memory.hope_memory` (same arguments, already validated).
     Packed documents (cu_seqlens) run one by one, each from its own initial state."""
     if cu_seqlens is None:
@@ -112,7 +117,7 @@ def naive_hope_memory(q, params: MemoryParams, *, a=None, k=None, v=None, eta=No
             heads_first(None if eta is None else eta[:, tok]),
             heads_first(None if alpha is None else alpha[:, tok]),
             state, params, chunk_size, proj_chunk_size, eta_max, proj_rate, rate_norm, selfgen, stopgrad_vhat,
-            w1_delta, retain_init, bound_step)
+            w1_delta, w2_delta, retain_init, bound_step)
         outs.append(tokens_first(o))
         states.append(state)
     o = torch.cat(outs, 1)

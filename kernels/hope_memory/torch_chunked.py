@@ -169,12 +169,13 @@ def _reads(w, s, kk, vv, x, dec: _Decay, qq, w0=None):
     return reads
 
 
-def _update_memories(state: MemoryState, k, vhat, dec: _Decay, grad_scale, w1_delta: bool, q=None,
+def _update_memories(state: MemoryState, k, vhat, dec: _Decay, grad_scale, delta: tuple[bool, bool], q=None,
                      init: MemoryState | None = None, bound_step: bool = False):
     """Memories `state` (B, n, H, ., .) over one chunk with keys k and targets vhat, all n in one
     batched product per step; reads M_t(q_t) of the last memory (M_o) when q is given.
     grad_scale (broadcastable to (B, 1, H, C, 1)) or None multiplies the inner gradients: 0 on
     padding tokens, 1 - gamma with momentum (the momentum is an EMA of G).
+    delta: (w1_delta, w2_delta), which weights take the delta rule's factor (hope_memory's flags).
     init: the same memories' M_0 (1, n, H, ., .) with retention toward it, else None.
     bound_step: the inner gradients bounded by their curvature (common.bound_inner_step)."""
     w1, w2, s1, s2 = state
@@ -186,7 +187,9 @@ def _update_memories(state: MemoryState, k, vhat, dec: _Decay, grad_scale, w1_de
     if grad_scale is not None:
         u = u * grad_scale
         e = None if e is None else e * grad_scale
-    w2_end, s2_end, x2 = _update_weight(w2, s2, k, u, dec, _solve(k, dec, init is not None), y, w2_0)
+    w1_delta, w2_delta = delta
+    sol2 = _solve(k, dec, init is not None) if w2_delta else None
+    w2_end, s2_end, x2 = _update_weight(w2, s2, k, u, dec, sol2, y, w2_0)
     r2 = None
     if q is not None:
         r2 = _reads(last(w2), last(s2), k, last(u), last(x2), dec, q, last(w2_0))
@@ -239,7 +242,7 @@ def _pieces(x, size):
 
 def _chunked_sequences(q, a, k, v, eta, alpha, state: MemoryState, params: MemoryParams, valid,
                        chunk_size, proj_chunk_size, eta_max, proj_rate, rate_norm, selfgen, stopgrad_vhat,
-                       w1_delta, retain_init, bound_step):
+                       delta, retain_init, bound_step):
     """Sequences in the internal layout (common.py), each starting at a chunk boundary; valid
     (B, 1, 1, T) marks real tokens (None: all). Returns (o, final state).
 
@@ -271,7 +274,7 @@ def _chunked_sequences(q, a, k, v, eta, alpha, state: MemoryState, params: Memor
     if not selfmod:
         state = _run_o_chunks(state, _pieces(k, chunk_size), _pieces(v, chunk_size), _pieces(eta, chunk_size),
                               _pieces(alpha, chunk_size), _pieces(valid, chunk_size), q_c, False, stopgrad_vhat,
-                              one_minus_gamma, chunk_log_gamma, w1_delta, outs, init, bound_step, recompute=True)
+                              one_minus_gamma, chunk_log_gamma, delta, outs, init, bound_step, recompute=True)
         return torch.cat(outs, -2), state
 
     def proj_step(state, a_p, p_valid, qs, given):
@@ -287,15 +290,15 @@ def _chunked_sequences(q, a, k, v, eta, alpha, state: MemoryState, params: Memor
         dec = _decay(*proj_rates(eta_p, alpha_p, proj_rate), chunk_log_gamma(p_valid, a_p.shape[-2]))
         if fused:
             state, o = _update_memories(state, k_p, _targets(state, v_p, selfgen, stopgrad_vhat), dec, scale,
-                                        w1_delta, qs[0], init, bound_step)
+                                        delta, qs[0], init, bound_step)
             return state, [o]
-        proj, _ = _update_memories(proj, k_p, _targets(proj, v_p, selfgen, stopgrad_vhat), dec, scale, w1_delta,
+        proj, _ = _update_memories(proj, k_p, _targets(proj, v_p, selfgen, stopgrad_vhat), dec, scale, delta,
                                    init=init_p, bound_step=bound_step)
         reads = []
         mem_o = _run_o_chunks(_select(state, slice(n_proj, None)), _pieces(k_p, chunk_size), _pieces(v_p, chunk_size),
                               _pieces(eta_p, chunk_size), _pieces(alpha_p, chunk_size), _pieces(p_valid,
                                                                                                 chunk_size), qs,
-                              selfgen, stopgrad_vhat, one_minus_gamma, chunk_log_gamma, w1_delta, reads, init_o,
+                              selfgen, stopgrad_vhat, one_minus_gamma, chunk_log_gamma, delta, reads, init_o,
                               bound_step)
         return _join(proj, mem_o), reads
 
@@ -309,14 +312,14 @@ def _chunked_sequences(q, a, k, v, eta, alpha, state: MemoryState, params: Memor
 
 
 def _run_o_chunks(mem_o, ks, vs, etas, alphas, valids, qs, selfgen, stopgrad_vhat, one_minus_gamma,
-                  chunk_log_gamma, w1_delta, outs, init=None, bound_step=False, recompute=False):
+                  chunk_log_gamma, delta, outs, init=None, bound_step=False, recompute=False):
     """M_o over consecutive chunks (pieces of k, v, eta, alpha, valid, q); appends the reads to
     outs. init: M_o's M_0 with retention toward it. recompute: each chunk step through _step
     (titans, whose chunk steps are the outer loop)."""
     def o_step(mem_o, k_j, v_j, eta_j, alpha_j, c_valid, q_j):
         vhat = _targets(mem_o, v_j, selfgen, stopgrad_vhat)
         dec = _decay(eta_j, alpha_j, chunk_log_gamma(c_valid, q_j.shape[-2]))
-        return _update_memories(mem_o, k_j, vhat, dec, _grad_scale(c_valid, one_minus_gamma), w1_delta, q_j, init,
+        return _update_memories(mem_o, k_j, vhat, dec, _grad_scale(c_valid, one_minus_gamma), delta, q_j, init,
                                 bound_step)
 
     for j, q_j in enumerate(qs):
@@ -352,8 +355,8 @@ def torch_chunked_hope_memory(q, params: MemoryParams, *, a=None, k=None, v=None
                             cu_seqlens=None, max_seqlen: int | None = None, chunk_size: int = 64,
                             proj_chunk_size: int = 64, eta_max: float = 1.0, proj_rate: float = 1.0,
                             rate_norm: bool = False, selfgen: bool = True,
-                            stopgrad_vhat: bool = True, w1_delta: bool = True, retain_init: bool = False,
-                            bound_step: bool = False):
+                            stopgrad_vhat: bool = True, w1_delta: bool = True, w2_delta: bool = True,
+                            retain_init: bool = False, bound_step: bool = False):
     """Chunked path of `kernels.hope_memory.hope_memory` (same arguments, already validated;
     max_seqlen, an int bound on the documents' lengths, is required with cu_seqlens). No host
     sync: documents are gathered into a (N, max_seqlen) padded batch and back by index."""
@@ -372,8 +375,8 @@ def torch_chunked_hope_memory(q, params: MemoryParams, *, a=None, k=None, v=None
     o, state = _chunked_sequences(
         heads_first(q), heads_first(a), heads_first(k), heads_first(v), heads_first(eta),
         heads_first(alpha), state, params, None if valid is None else valid[:, None, None],
-        chunk_size, proj_chunk_size, eta_max, proj_rate, rate_norm, selfgen, stopgrad_vhat, w1_delta, retain_init,
-        bound_step)
+        chunk_size, proj_chunk_size, eta_max, proj_rate, rate_norm, selfgen, stopgrad_vhat, (w1_delta, w2_delta),
+        retain_init, bound_step)
     o = tokens_first(o)
     if valid is not None:
         o = o[back].unsqueeze(0)

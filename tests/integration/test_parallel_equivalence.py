@@ -84,13 +84,14 @@ def test_in_context_cms_memory_options_and_carried_state_tp2_and_pp2_match_singl
     the tp group) and stays on its stage under pp. The same runs carry the memory options of
     docs/model.md section 2.10 (per-memory inputs split by head like `a`; retention toward M_0, whose
     anchor is each rank's own heads' initial weights; the curvature-bounded step, the projection memories'
-    rate and the normalised rate read-outs, per head). One spawn covers
+    rate, the normalised rate read-outs and W2 without the delta factor, per head). One spawn covers
     all of it, and training.carry_state: each rank carries its own heads' (tp) or its stage's layers' (pp) state
     from step to step."""
     cms = {"model.cms_in_context": True, "model.cms": "[{width: 32, period: 1, chunk_size: 8}, {width: 32, period: 2, "
            "chunk_size: 16}, {width: 32, period: 3}]",
            "model.memory_inputs": "per_memory", "model.retain_init": True, "model.bound_step": True,
-           "model.proj_rate": 0.5, "model.rate_norm": True, "model.rates_from": "input", "training.carry_state": True,
+           "model.proj_rate": 0.5, "model.rate_norm": True, "model.rates_from": "input", "model.w2_delta": False,
+           "training.carry_state": True,
            "data.lane_groups": 2}
     ref = single_process(random_dataset, tmp_path / "ref", **cms)
     layouts = {"tp2": {"parallel.tp": 2}, "pp2": {"parallel.pp": 2, "parallel.pp_microbatches": 2}}

@@ -29,6 +29,7 @@ class Case:
     dtype: torch.dtype = torch.float64
     given_state: bool = False
     w1_delta: bool = True
+    w2_delta: bool = True  # false: W2 by gradient descent with retention, without the factor (alpha I - eta k k^T)
     retain_init: bool = False  # retention decays the deviation from M_0 (the params' weights)
     per_memory_a: bool = False  # selfmod: one input per projection memory, a (B, T, 4, H, d_h)
     bound_step: bool = False  # inner gradients bounded by their curvature
@@ -165,7 +166,8 @@ def _case_id(case: Case) -> str:
     return (f"{case.variant}-d{case.depth}-{'mom' if case.momentum else 'nomom'}-"
             f"{'selfgen' if case.selfgen else 'v'}-{'sg' if case.stopgrad else 'nosg'}-C{case.chunk_size}"
             f"x{case.proj_mult}-T{case.seq}-{str(case.dtype)[6:]}-{'state' if case.given_state else 'fresh'}"
-            f"{'' if case.w1_delta else '-w1gated'}{'-retain' if case.retain_init else ''}"
+            f"{'' if case.w1_delta else '-w1gated'}{'' if case.w2_delta else '-w2gd'}"
+            f"{'-retain' if case.retain_init else ''}"
             f"{'-amem' if case.per_memory_a else ''}{'-bound' if case.bound_step else ''}"
             f"{'' if case.proj_rate == 1 else f'-prate{case.proj_rate}'}{'-ratenorm' if case.rate_norm else ''}"
             f"{'-givenrates' if case.given_rates else ''}")
@@ -175,7 +177,8 @@ def _case_id(case: Case) -> str:
 def test_chunked_matches_naive(case: Case):
     q, params, inputs, state = make_problem(case)
     kwargs = dict(chunk_size=case.chunk_size, proj_chunk_size=case.chunk_size * case.proj_mult, selfgen=case.selfgen,
-                  stopgrad_vhat=case.stopgrad, w1_delta=case.w1_delta, retain_init=case.retain_init,
+                  stopgrad_vhat=case.stopgrad, w1_delta=case.w1_delta, w2_delta=case.w2_delta,
+                  retain_init=case.retain_init,
                   bound_step=case.bound_step, proj_rate=case.proj_rate, rate_norm=case.rate_norm)
     want = forward_backward(q, params, inputs, state, impl="naive", **kwargs)
     got = forward_backward(q, params, inputs, state, impl="torch", **kwargs)
@@ -207,14 +210,33 @@ OPTIONS += [replace(c, proj_rate=r, retain_init=r == 0) for c in STRUCTURES
             if c.variant == "selfmod" for r in ((0.0, 0.4) if c.stopgrad else (0.4,))]
 OPTIONS += [replace(c, rate_norm=True) for c in STRUCTURES if c.variant == "selfmod"]
 OPTIONS += [replace(c, given_rates=True, proj_rate=0.5) for c in STRUCTURES if c.variant == "selfmod" and c.stopgrad]
+OPTIONS += [replace(c, w2_delta=False, retain_init=c.momentum) for c in STRUCTURES if c.stopgrad]
 
 
 @pytest.mark.parametrize("case", OPTIONS, ids=_case_id)
 def test_chunked_matches_naive_with_options(case: Case):
     """Retention toward M_0, per-memory inputs, the bounded step, the projection memories' rate, normalised
-    rate read-outs and rates given by the caller (docs/model.md section 2.10), every structure, float64,
-    with an initial state (so the anchor M_0 differs from where the state starts)."""
+    rate read-outs, rates given by the caller and W2 without the delta factor (docs/model.md section 2.10),
+    every structure, float64, with an initial state (so the anchor M_0 differs from where the state starts)."""
     test_chunked_matches_naive(case)
+
+
+@pytest.mark.parametrize("impl", ["naive", "torch"])
+def test_w2_delta_factor_erases_the_hidden_features_of_the_key_written(impl):
+    """Depth 2 with W1 = 0 (so W2's inner gradient is 0): one write at eta 1, alpha 1 leaves W2 (I - k k^T),
+    whose hidden response to k is 0, so nothing W1 stores for k can be read back; w2_delta=False leaves W2
+    as it was (docs/model.md 2.10, bench/bench_memory_capacity.py)."""
+    d = 8
+    params = MemoryParams(torch.zeros(1, 1, d, d, dtype=torch.float64), torch.randn(1, 1, d, d, dtype=torch.float64))
+    k = F.normalize(torch.randn(1, 1, 1, d, dtype=torch.float64), dim=-1)  # exactly unit (l2norm has an eps)
+    v = F.normalize(torch.randn(1, 1, 1, d, dtype=torch.float64), dim=-1)
+    one = torch.ones(1, 1, 1, dtype=torch.float64)
+    final = {flag: hope_memory(k, params, k=k, v=v, eta=one, alpha=one, chunk_size=1, proj_chunk_size=1,
+                               selfgen=False, output_final_state=True, w2_delta=flag, impl=impl)[1].w2
+             for flag in (True, False)}
+    kk = k[0, 0, 0]
+    assert (final[True][0, 0, 0] @ kk).abs().max() < 1e-12
+    assert torch.equal(final[False], params.w2[None])
 
 
 @pytest.mark.parametrize("variant", ["selfmod", "titans"])

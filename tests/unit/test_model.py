@@ -81,7 +81,7 @@ def test_two_segments_with_carried_state_equal_one(mixer, momentum):
 
 OPTIONS = [{"memory_inputs": "per_memory"}, {"memory_inputs": "per_memory_conv"}, {"retain_init": "true"},
            {"memory_inputs": "per_memory", "retain_init": "true"}, {"proj_rate": "0", "memory_depth": "1"},
-           {"rate_norm": "true"}, {"rates_from": "input", "memory_inputs": "per_memory"}]
+           {"rate_norm": "true"}, {"rates_from": "input", "memory_inputs": "per_memory"}, {"w2_delta": "false"}]
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "+".join(o))
