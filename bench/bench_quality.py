@@ -43,6 +43,7 @@ COLORS = {"hope": "C0", "titans": "C2", "transformer": "C3"}
 # HOPE variants for the ablation stage: name -> (what it tests, overrides of hope_SIZE.yaml)
 RECALL_FIX = ["--model.memory_depth=1", "--model.memory_inputs=per_memory_conv", "--model.rates_from=input"]
 CARRY_G16 = ["--training.carry_state=true", "--data.lane_groups=16"]
+LANES_G16 = ["--data.order=lanes", "--data.lane_groups=16"]
 ABLATIONS = {
     "hope-default": ("none: the baseline at the ablations' horizon", []),
     "hope-p1": ("CMS clocks off: all four levels of period 1",
@@ -84,7 +85,12 @@ ABLATIONS = {
     "hope-fix-carry-g16": ("the recall fix with its state carried in training, lanes in 16 groups",
                            RECALL_FIX + CARRY_G16),
     "hope-fix-lanes-g16": ("the recall fix in the same 16 lane groups, every row starting fresh (the control "
-                           "of hope-fix-carry-g16)", RECALL_FIX + ["--data.order=lanes", "--data.lane_groups=16"]),
+                           "of hope-fix-carry-g16)", RECALL_FIX + LANES_G16),
+    "hope-lanes-g16": ("16 lane groups, every row starting fresh (the control of hope-carry-g16)", LANES_G16),
+    "hope-fix-carry": ("the recall fix with its state carried in training, one lane group (the state one step old)",
+                       RECALL_FIX + ["--training.carry_state=true"]),
+    "hope-fix-lanes": ("the recall fix in one lane group, every row starting fresh (the control of hope-fix-carry)",
+                       RECALL_FIX + ["--data.order=lanes"]),
 }
 BEGIN, END = "<!-- results:begin (bench/bench_quality.py writes this part) -->", "<!-- results:end -->"
 

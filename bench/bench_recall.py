@@ -70,6 +70,10 @@ VARIANTS = {  # HOPE variants (docs/RECALL.md "Why HOPE missed"): name -> (label
                                    "delta factor", {"mixer": "selfmod", "memory_inputs": "per_memory_conv",
                                                     **IN_RATES, **W2_GD}),
     "titans-w2gd": ("Titans, W2 without the delta factor", {"mixer": "titans", **W2_GD}),
+    "titans-w2std": ("Titans, initial W2 std 3/sqrt(d_h)", {"mixer": "titans", "memory_w2_std": 0.53}),
+    "hope-permconv-inrates-w2std": ("HOPE, a conv per projection memory, eta and alpha read out of x, initial W2 "
+                                    "std 3/sqrt(d_h)", {"mixer": "selfmod", "memory_inputs": "per_memory_conv",
+                                                        **IN_RATES, "memory_w2_std": 0.53}),
     "hope-bound": ("HOPE, curvature-bounded inner step", {"mixer": "selfmod", "bound_step": True}),
     "hope-retain": ("HOPE, retention toward M_0", {"mixer": "selfmod", "retain_init": True}),
     "hope-permem-retain": ("HOPE, per-memory inputs + retention toward M_0",

@@ -105,6 +105,9 @@ class ModelConfig:
     """std of the linear layers' initial weights"""
     memory_w1_std: float | None = None
     """depth 2: std of the memories' initial W1, > 0; null: init_std (M starts ~identity)"""
+    memory_w2_std: float | None = None
+    """depth 2: std of the memories' initial W2, > 0; null: 1/sqrt(d_h) (unit keys give hidden pre-activations
+    of std 1/sqrt(d_h), where silu is nearly linear and a write stores little: docs/model.md 2.10)"""
     alpha_init: float = 0.99
     """initial retention per token, in (0, 1) (memory horizon ~ 1 / (1 - alpha) tokens)"""
     retain_init: bool = False
@@ -134,6 +137,8 @@ class ModelConfig:
         _check(self, "memory_depth", self.memory_depth in (1, 2), "must be 1 (linear) or 2 (residual MLP)")
         _check(self, "memory_w1_std", self.memory_w1_std is None or self.memory_w1_std > 0,
                "must be > 0 (or null for model.init_std)")
+        _check(self, "memory_w2_std", self.memory_w2_std is None or self.memory_w2_std > 0,
+               "must be > 0 (or null for 1/sqrt(d_h))")
         _check(self, "proj_rate", 0 <= self.proj_rate <= 1, "must be in [0, 1]: the projection memories' share of "
                "each update (1: the paper, 0: frozen at M_0)")
         _check(self, "alpha_init", 0 < self.alpha_init < 1, "must be in (0, 1): the initial retention per token")

@@ -10,9 +10,9 @@ Choices the spec leaves open (tested in tests/unit/test_model.py):
 - q (and titans' k, v) are normalised with the op's own l2norm (x / sqrt(|x|^2 + 1e-6)).
 - titans: k and v pass the same causal conv + SiLU as q, then L2 norm; eta and alpha are
   sigmoid read-outs of x (eta scaled by eta_max).
-- Initial memories: W2 ~ N(0, 1/d_h) and W1 ~ N(0, init_std) (depth 2: M starts near the
-  identity; `model.memory_w1_std` overrides W1's std); depth 1 starts at I + N(0, init_std). alpha
-  starts near `model.alpha_init`, eta near ETA_INIT = 0.1, gamma (momentum) near GAMMA_INIT = 0.9.
+- Initial memories: W2 ~ N(0, 1/d_h) and W1 ~ N(0, init_std) (depth 2: M starts near the identity;
+  `model.memory_w1_std` and `model.memory_w2_std` override the stds); depth 1 starts at I + N(0, init_std).
+  alpha starts near `model.alpha_init`, eta near ETA_INIT = 0.1, gamma (momentum) near GAMMA_INIT = 0.9.
 - The update rule (momentum as an EMA, W1's delta rule) and why: docs/model.md section 2.4 and
   docs/memory_op.md. The selfmod inputs (`model.memory_inputs`) and retention toward M_0
   (`model.retain_init`): docs/model.md section 2.10.
@@ -109,7 +109,7 @@ class MemoryMixer(nn.Module):
         dh = self.head_dim
         if self.mem_w1 is not None:
             nn.init.normal_(self.mem_w1, std=self.cfg.memory_w1_std or self.init_std)
-            nn.init.normal_(self.mem_w2, std=dh ** -0.5)
+            nn.init.normal_(self.mem_w2, std=self.cfg.memory_w2_std or dh ** -0.5)
         else:
             nn.init.normal_(self.mem_w2, std=self.init_std)
             self.mem_w2.add_(torch.eye(dh, device=self.mem_w2.device, dtype=self.mem_w2.dtype))

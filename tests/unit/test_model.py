@@ -136,17 +136,21 @@ def test_meta_init_is_finite_and_seeded():
 
 @pytest.mark.parametrize("mixer", ["selfmod", "titans"])
 def test_memory_init_knobs(mixer):
-    """model.memory_w1_std and model.alpha_init set the memories' initial W1 and retention; the
-    defaults keep init_std and 0.99 (the spec's near-identity memories)."""
-    default, tuned = (tiny(mixer, **kw).layers["0"].mixer for kw in ({}, {"memory_w1_std": 0.5, "alpha_init": 0.999}))
+    """model.memory_w1_std, memory_w2_std and alpha_init set the memories' initial W1, W2 and retention; the
+    defaults keep init_std, 1/sqrt(d_h) and 0.99 (the spec's near-identity memories)."""
+    default, tuned = (tiny(mixer, **kw).layers["0"].mixer
+                      for kw in ({}, {"memory_w1_std": 0.5, "memory_w2_std": 0.6, "alpha_init": 0.999}))
     alpha_b = (lambda m: m.alpha_b) if mixer == "selfmod" else (lambda m: m.rates["alpha"].bias)
     assert torch.sigmoid(alpha_b(default)).allclose(torch.tensor(0.99, dtype=torch.float64))
     assert torch.sigmoid(alpha_b(tuned)).allclose(torch.tensor(0.999, dtype=torch.float64))
     assert default.mem_w1.std().item() == pytest.approx(0.02, rel=0.2)
     assert tuned.mem_w1.std().item() == pytest.approx(0.5, rel=0.2)
+    assert default.mem_w2.std().item() == pytest.approx(default.head_dim ** -0.5, rel=0.2)
+    assert tuned.mem_w2.std().item() == pytest.approx(0.6, rel=0.2)
     from hope_dist.config import ConfigError
     for bad, match in (("--model.alpha_init=1.0", "model.alpha_init=1.0 must be in (0, 1)"),
-                       ("--model.memory_w1_std=0", "model.memory_w1_std=0.0 must be > 0")):
+                       ("--model.memory_w1_std=0", "model.memory_w1_std=0.0 must be > 0"),
+                       ("--model.memory_w2_std=-1", "model.memory_w2_std=-1.0 must be > 0")):
         with pytest.raises(ConfigError, match=match.replace("(", r"\(").replace(")", r"\)")):
             load_config("configs/tiny.yaml", [bad])
 
