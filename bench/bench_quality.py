@@ -87,6 +87,12 @@ ABLATIONS = {
     "hope-fix-lanes-g16": ("the recall fix in the same 16 lane groups, every row starting fresh (the control "
                            "of hope-fix-carry-g16)", RECALL_FIX + LANES_G16),
     "hope-lanes-g16": ("16 lane groups, every row starting fresh (the control of hope-carry-g16)", LANES_G16),
+    "hope-fix-retain-carry-g16": ("the recall fix with retention toward M_0 (an anchor for the fast weights' scale), "
+                                  "its state carried in training, 16 lane groups",
+                                  RECALL_FIX + ["--model.retain_init=true"] + CARRY_G16),
+    "hope-fix-retain-lanes-g16": ("the recall fix with retention toward M_0 in 16 lane groups, every row starting "
+                                  "fresh (the control of hope-fix-retain-carry-g16)",
+                                  RECALL_FIX + ["--model.retain_init=true"] + LANES_G16),
     "hope-fix-carry": ("the recall fix with its state carried in training, one lane group (the state one step old)",
                        RECALL_FIX + ["--training.carry_state=true"]),
     "hope-fix-lanes": ("the recall fix in one lane group, every row starting fresh (the control of hope-fix-carry)",
