@@ -3,6 +3,7 @@ token through the memory op (titans variant, chunk 1, retention off), then every
 
     python bench/bench_memory_capacity.py                    # the table of docs/model.md section 2.10
     python bench/bench_memory_capacity.py --pairs 4 --etas 0.5 --trials 1024
+    python bench/bench_memory_capacity.py --depths 2 --w2-std 0.53       # model.memory_w2_std
 
 No training: the memories start as the mixers initialise them (depth 1: I + N(0, 0.02); depth 2:
 M(z) = z + W1 silu(W2 z), W2 ~ N(0, 1/d_h), W1 ~ N(0, 0.02)). A memory that cannot store a few pairs
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -28,12 +30,13 @@ RULES = {  # name -> hope_memory flags
 }
 
 
-def initial_params(depth: int, d_h: int, gen: torch.Generator) -> MemoryParams:
-    """One head of one memory, initialised as MemoryMixer.init_weights does (init_std 0.02)."""
+def initial_params(depth: int, d_h: int, gen: torch.Generator, w2_std: float | None = None) -> MemoryParams:
+    """One head of one memory, initialised as MemoryMixer.init_weights does (init_std 0.02; w2_std as
+    model.memory_w2_std, None: 1/sqrt(d_h))."""
     randn = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
     if depth == 1:
         return MemoryParams(None, torch.eye(d_h, dtype=torch.float64)[None, None] + 0.02 * randn(1, 1, d_h, d_h))
-    return MemoryParams(0.02 * randn(1, 1, d_h, d_h), d_h ** -0.5 * randn(1, 1, d_h, d_h))
+    return MemoryParams(0.02 * randn(1, 1, d_h, d_h), (w2_std or d_h ** -0.5) * randn(1, 1, d_h, d_h))
 
 
 def write_then_read(params: MemoryParams, pairs: int, eta: float, trials: int, gen: torch.Generator,
@@ -60,14 +63,17 @@ def main() -> None:
     p.add_argument("--etas", type=float, nargs="+", default=[0.5, 1.0])
     p.add_argument("--depths", type=int, nargs="+", default=[1, 2])
     p.add_argument("--head-dim", type=int, default=32)
+    p.add_argument("--w2-std", type=float, default=None, help="depth 2: initial W2 std (default 1/sqrt(d_h))")
     p.add_argument("--trials", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     print("| depth | write rule | pairs | eta | recall | cos(read, value) |\n|---|---|---:|---:|---:|---:|")
     for depth, (rule, flags), pairs, eta in itertools.product(args.depths, RULES.items(), args.pairs, args.etas):
         gen = torch.Generator().manual_seed(args.seed)  # the same memories and pairs for every rule
-        recall, cos = write_then_read(initial_params(depth, args.head_dim, gen), pairs, eta, args.trials, gen, flags)
-        print(f"| {depth} | {rule} | {pairs} | {eta:g} | {recall:.3f} | {cos:.3f} |", flush=True)
+        params = initial_params(depth, args.head_dim, gen, args.w2_std)
+        recall, cos = write_then_read(params, pairs, eta, args.trials, gen, flags)
+        cos_txt = f"{cos:.3f}" if math.isfinite(cos) else "non-finite (the writes overshot)"
+        print(f"| {depth} | {rule} | {pairs} | {eta:g} | {recall:.3f} | {cos_txt} |", flush=True)
 
 
 if __name__ == "__main__":
