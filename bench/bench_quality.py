@@ -76,6 +76,8 @@ ABLATIONS = {
                      ["--model.rates_from=input"]),
     "hope-d1-permconv-inrates": ("the recall fix (docs/RECALL.md): depth-1 memories, a conv per projection memory, "
                                  "eta and alpha read out of x", RECALL_FIX),
+    "hope-w2std": ("memories' initial W2 std 3/sqrt(d_h) = 0.53 instead of 1/sqrt(d_h) (depth 2 stores in context, "
+                   "docs/RECALL.md)", ["--model.memory_w2_std=0.53"]),
     "hope-retain": ("retention toward M_0 instead of toward 0, docs/model.md 2.10", ["--model.retain_init=true"]),
     "hope-carry": ("state carried across consecutive segments of the same documents in training "
                    "(training.carry_state: data in lanes, truncated BPTT one segment deep)",
