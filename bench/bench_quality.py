@@ -89,6 +89,8 @@ ABLATIONS = {
     "hope-fix-lanes-g16": ("the recall fix in the same 16 lane groups, every row starting fresh (the control "
                            "of hope-fix-carry-g16)", RECALL_FIX + LANES_G16),
     "hope-lanes-g16": ("16 lane groups, every row starting fresh (the control of hope-carry-g16)", LANES_G16),
+    "hope-fix-retain": ("the recall fix with retention toward M_0 (an anchor for the fast weights' scale)",
+                        RECALL_FIX + ["--model.retain_init=true"]),
     "hope-fix-retain-carry-g16": ("the recall fix with retention toward M_0 (an anchor for the fast weights' scale), "
                                   "its state carried in training, 16 lane groups",
                                   RECALL_FIX + ["--model.retain_init=true"] + CARRY_G16),
