@@ -53,6 +53,8 @@ VARIANTS = {  # HOPE variants (docs/RECALL.md "Why HOPE missed"): name -> (label
                                   {**D1_CONV, "rate_norm": True}),
     "hope-d1-permconv-inrates": ("HOPE, depth 1, a conv per projection memory, eta and alpha read out of x",
                                  {**D1_CONV, **IN_RATES}),
+    "hope-d1-permconv-inrates-retain": ("HOPE, depth 1, a conv per projection memory, eta and alpha read out of x, "
+                                        "retention toward M_0", {**D1_CONV, **IN_RATES, "retain_init": True}),
     "hope-d1-permconv-frozen-inrates": ("HOPE, depth 1, a conv per projection memory, static projection memories, "
                                         "eta and alpha read out of x", {**D1_CONV, **STATIC, **IN_RATES}),
     "hope-d1-permem-frozen-v": ("HOPE, depth 1, one input per projection memory, static projection memories, "
