@@ -76,19 +76,14 @@ ABLATIONS = {
                      ["--model.rates_from=input"]),
     "hope-d1-permconv-inrates": ("the recall fix (docs/RECALL.md): depth-1 memories, a conv per projection memory, "
                                  "eta and alpha read out of x", RECALL_FIX),
-    "hope-w2std": ("memories' initial W2 std 3/sqrt(d_h) = 0.53 instead of 1/sqrt(d_h) (depth 2 stores in context, "
-                   "docs/RECALL.md)", ["--model.memory_w2_std=0.53"]),
     "hope-retain": ("retention toward M_0 instead of toward 0, docs/model.md 2.10", ["--model.retain_init=true"]),
     "hope-carry": ("state carried across consecutive segments of the same documents in training "
                    "(training.carry_state: data in lanes, truncated BPTT one segment deep)",
                    ["--training.carry_state=true"]),
-    "hope-carry-g16": ("state carried in training, lanes in 16 groups taking turns (data.lane_groups), so "
-                       "consecutive steps read different documents", CARRY_G16),
     "hope-fix-carry-g16": ("the recall fix with its state carried in training, lanes in 16 groups",
                            RECALL_FIX + CARRY_G16),
     "hope-fix-lanes-g16": ("the recall fix in the same 16 lane groups, every row starting fresh (the control "
                            "of hope-fix-carry-g16)", RECALL_FIX + LANES_G16),
-    "hope-lanes-g16": ("16 lane groups, every row starting fresh (the control of hope-carry-g16)", LANES_G16),
     "hope-fix-retain": ("the recall fix with retention toward M_0 (an anchor for the fast weights' scale)",
                         RECALL_FIX + ["--model.retain_init=true"]),
     "hope-fix-retain-carry-g16": ("the recall fix with retention toward M_0 (an anchor for the fast weights' scale), "
