@@ -86,6 +86,9 @@ ABLATIONS = {
                            "of hope-fix-carry-g16)", RECALL_FIX + LANES_G16),
     "hope-fix-retain": ("the recall fix with retention toward M_0 (an anchor for the fast weights' scale)",
                         RECALL_FIX + ["--model.retain_init=true"]),
+    "hope-fix-retain-nowrite": ("the recall fix with retention toward M_0 and no in-context writes (eta = 0: every "
+                                "memory stays at M_0; what its writes earn, issue 24 part 4)",
+                                RECALL_FIX + ["--model.retain_init=true", "--model.eta_max=0"]),
     "hope-fix-retain-carry-g16": ("the recall fix with retention toward M_0 (an anchor for the fast weights' scale), "
                                   "its state carried in training, 16 lane groups",
                                   RECALL_FIX + ["--model.retain_init=true"] + CARRY_G16),
