@@ -30,13 +30,14 @@ RULES = {  # name -> hope_memory flags
 }
 
 
-def initial_params(depth: int, d_h: int, gen: torch.Generator, w2_std: float | None = None) -> MemoryParams:
-    """One head of one memory, initialised as MemoryMixer.init_weights does (init_std 0.02; w2_std as
+def initial_params(depth: int, d_h: int, gen: torch.Generator, w2_std: float | None = None,
+                   n_mem: int = 1) -> MemoryParams:
+    """One head of n_mem memories, initialised as MemoryMixer.init_weights does (init_std 0.02; w2_std as
     model.memory_w2_std, None: 1/sqrt(d_h))."""
     randn = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
     if depth == 1:
-        return MemoryParams(None, torch.eye(d_h, dtype=torch.float64)[None, None] + 0.02 * randn(1, 1, d_h, d_h))
-    return MemoryParams(0.02 * randn(1, 1, d_h, d_h), (w2_std or d_h ** -0.5) * randn(1, 1, d_h, d_h))
+        return MemoryParams(None, torch.eye(d_h, dtype=torch.float64) + 0.02 * randn(n_mem, 1, d_h, d_h))
+    return MemoryParams(0.02 * randn(n_mem, 1, d_h, d_h), (w2_std or d_h ** -0.5) * randn(n_mem, 1, d_h, d_h))
 
 
 def write_then_read(params: MemoryParams, pairs: int, eta: float, trials: int, gen: torch.Generator,

@@ -1,12 +1,13 @@
 """The fast weights' scale over a long sequence: does a memory's state settle, or vanish or run away?
 
-    python bench/bench_memory_horizon.py                  # the table of docs/model.md section 2.10
-    python bench/bench_memory_horizon.py --depth 2 --etas 0.1 --length 8192
+    python bench/bench_memory_horizon.py                  # the figures of docs/model.md section 2.7
+    python bench/bench_memory_horizon.py --depth 2 --etas 0.1 --marks 64 512 4096 8192
 
-HOPE's memories (selfmod, depth 1 here) read random per-memory inputs through the memory op (chunked
-path) with a constant eta and alpha 0.99, starting from M = I + N(0, 0.02), and the norm of M_o's fast
+HOPE's memories (selfmod, depth 1 by default) read random per-memory inputs through the memory op (chunked
+path) with a constant eta and alpha 0.99, starting from their initialisation (bench_memory_capacity.py's
+initial_params), and the norm of M_o's fast
 weights is reported at several positions (median over sequences). With self-generated targets
-(vhat = M_c(v), the spec) every update is W_c-homogeneous, W_t = W_{t-1} A_t, so nothing fixes the
+(vhat = M_c(v), the spec) every update is linear in the weights, so nothing fixes the
 state's scale: it follows the product of the A_t and vanishes or grows exponentially. Targets v, or
 retention toward M_0 (model.retain_init), add a term that does not scale with W and anchor it. A state
 carried past the training context (training.carry_state, evaluation past the context) lives there.
@@ -19,8 +20,8 @@ import itertools
 import torch
 import torch.nn.functional as F
 
+from bench.bench_memory_capacity import initial_params
 from kernels.hope_memory import hope_memory
-from kernels.hope_memory.types import MemoryParams
 
 VARIANTS = {  # name -> hope_memory flags
     "self-generated targets (spec)": {},
@@ -33,11 +34,7 @@ def norms_along(depth: int, eta: float, length: int, marks: list[int], batch: in
                 seed: int) -> list[float]:
     gen = torch.Generator().manual_seed(seed)  # the same inputs for every variant
     randn = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
-    eye = torch.eye(d_h, dtype=torch.float64)
-    if depth == 1:
-        params = MemoryParams(None, eye + 0.02 * randn(5, 1, d_h, d_h))
-    else:
-        params = MemoryParams(0.02 * randn(5, 1, d_h, d_h), d_h ** -0.5 * randn(5, 1, d_h, d_h))
+    params = initial_params(depth, d_h, gen, n_mem=5)
     a = randn(batch, length, 4, 1, d_h)
     q = F.normalize(randn(batch, length, 1, d_h), dim=-1)
     rate = torch.full((batch, length, 1), eta, dtype=torch.float64)

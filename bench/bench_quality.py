@@ -44,6 +44,7 @@ COLORS = {"hope": "C0", "titans": "C2", "transformer": "C3"}
 RECALL_FIX = ["--model.memory_depth=1", "--model.memory_inputs=per_memory_conv", "--model.rates_from=input"]
 CARRY_G16 = ["--training.carry_state=true", "--data.lane_groups=16"]
 LANES_G16 = ["--data.order=lanes", "--data.lane_groups=16"]
+FIX_RETAIN = RECALL_FIX + ["--model.retain_init=true"]
 ABLATIONS = {
     "hope-default": ("none: the baseline at the ablations' horizon", []),
     "hope-p1": ("CMS clocks off: all four levels of period 1",
@@ -85,16 +86,16 @@ ABLATIONS = {
     "hope-fix-lanes-g16": ("the recall fix in the same 16 lane groups, every row starting fresh (the control "
                            "of hope-fix-carry-g16)", RECALL_FIX + LANES_G16),
     "hope-fix-retain": ("the recall fix with retention toward M_0 (an anchor for the fast weights' scale)",
-                        RECALL_FIX + ["--model.retain_init=true"]),
+                        FIX_RETAIN),
     "hope-fix-retain-nowrite": ("the recall fix with retention toward M_0 and no in-context writes (eta = 0: every "
                                 "memory stays at M_0; what its writes earn, issue 24 part 4)",
-                                RECALL_FIX + ["--model.retain_init=true", "--model.eta_max=0"]),
+                                FIX_RETAIN + ["--model.eta_max=0"]),
     "hope-fix-retain-carry-g16": ("the recall fix with retention toward M_0 (an anchor for the fast weights' scale), "
                                   "its state carried in training, 16 lane groups",
-                                  RECALL_FIX + ["--model.retain_init=true"] + CARRY_G16),
+                                  FIX_RETAIN + CARRY_G16),
     "hope-fix-retain-lanes-g16": ("the recall fix with retention toward M_0 in 16 lane groups, every row starting "
                                   "fresh (the control of hope-fix-retain-carry-g16)",
-                                  RECALL_FIX + ["--model.retain_init=true"] + LANES_G16),
+                                  FIX_RETAIN + LANES_G16),
     "hope-fix-carry": ("the recall fix with its state carried in training, one lane group (the state one step old)",
                        RECALL_FIX + ["--training.carry_state=true"]),
     "hope-fix-lanes": ("the recall fix in one lane group, every row starting fresh (the control of hope-fix-carry)",

@@ -150,8 +150,7 @@ class MemoryMixer(nn.Module):
         return dict(chunk_size=c.chunk_size, proj_chunk_size=c.proj_chunk_size, eta_max=c.eta_max,
                     proj_rate=c.proj_rate if self.selfmod else 1.0, selfgen=c.selfgen_values,
                     stopgrad_vhat=c.stopgrad_vhat, w1_delta=c.w1_delta, w2_delta=c.w2_delta,
-                    retain_init=c.retain_init,
-                    bound_step=c.bound_step, rate_norm=c.rate_norm and self.selfmod)
+                    retain_init=c.retain_init, bound_step=c.bound_step, rate_norm=c.rate_norm and self.selfmod)
 
     def _kernel(self, device: torch.device) -> str:
         """auto: Triton on CUDA (momentum and W1's delta rule included), the chunked PyTorch path on

@@ -117,8 +117,7 @@ def hope_memory(
                   output_final_state=output_final_state, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                   chunk_size=chunk_size, proj_chunk_size=proj_chunk_size, eta_max=eta_max, proj_rate=proj_rate,
                   selfgen=selfgen, stopgrad_vhat=stopgrad_vhat, w1_delta=w1_delta, w2_delta=w2_delta,
-                  retain_init=retain_init,
-                  bound_step=bound_step, rate_norm=rate_norm)
+                  retain_init=retain_init, bound_step=bound_step, rate_norm=rate_norm)
     if impl == "triton":
         from .chunk import chunk_hope_memory
 
